@@ -1,0 +1,182 @@
+"""Orbax checkpoint I/O in openpi's layout, and an output that appears only once it is complete.
+
+openpi training writes ``<checkpoint_dir>/<step>/`` holding ``params/`` (an Orbax PyTree checkpoint whose single
+top-level key is ``params``), ``train_state/``, ``assets/<asset_id>/`` and ``_CHECKPOINT_METADATA``. Serving reads
+only ``params/`` and ``assets/``, which is what a merged step dir holds.
+"""
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from openpi_merge import errors, plan
+
+PARAMS_KEY = "params"
+# nnx.State saves every parameter as {"value": array}; openpi's restore_params strips it only when every path has it.
+VALUE_SUFFIX = "value"
+_ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
+_UNFINISHED = re.compile(r"\.orbax-checkpoint-tmp-\d+$")
+_STAGING = ".openpi-merge-tmp-"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where the input checkpoint's parts are; ``assets_dir`` is None for a bare params dir."""
+
+    root: pathlib.Path  # The dir the user named: a step dir, or the params dir itself.
+    params_dir: pathlib.Path
+    assets_dir: pathlib.Path | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Contents:
+    """The input's parameters as its metadata describes them."""
+
+    leaves: dict[plan.Path, plan.Leaf]
+    value_suffix: bool
+
+
+def locate_input(path: str) -> Source:
+    """Resolves a training step dir (holding ``params/``) or a bare Orbax params dir."""
+    root = pathlib.Path(path).expanduser().resolve()
+    if not root.exists():
+        raise errors.InputError(f"input {root} does not exist")
+    if _UNFINISHED.search(root.name):
+        raise errors.InputError(f"input {root} is an unfinished Orbax save: pick a finished step dir next to it")
+    if not root.is_dir():
+        raise errors.InputError(f"input {root} is not a directory: pass a training step dir or an Orbax params dir")
+    if (root / PARAMS_KEY).is_dir():
+        assets = root / "assets"
+        return Source(root=root, params_dir=root / PARAMS_KEY, assets_dir=assets if assets.is_dir() else None)
+    if any((root / marker).exists() for marker in _ORBAX_MARKERS):
+        return Source(root=root, params_dir=root, assets_dir=None)
+    if steps := sorted((p.name for p in root.iterdir() if p.name.isdigit() and p.is_dir()), key=int):
+        raise errors.InputError(
+            f"input {root} holds training steps {', '.join(steps)}: pass one, e.g. {root / steps[-1]}"
+        )
+    raise errors.InputError(f"input {root} is not an Orbax checkpoint: it has no params/ dir and no Orbax metadata")
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    # openpi writes with orbax-checkpoint 0.11.13's defaults (OCDBT, zarr v2); newer releases must write the same.
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False))
+
+
+def _unreadable(params_dir: pathlib.Path, error: Exception) -> errors.InputError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return errors.InputError(f"cannot read checkpoint {params_dir} (truncated or corrupt?): {reason[:300]}")
+
+
+def _metadata_tree(params_dir: pathlib.Path) -> dict:
+    try:
+        with _checkpointer() as checkpointer:
+            metadata = checkpointer.metadata(params_dir)
+    except Exception as e:  # Orbax and tensorstore raise many types for a damaged checkpoint.
+        raise _unreadable(params_dir, e) from e
+    # orbax-checkpoint 0.11 returns the tree itself, later releases a StepMetadata holding it.
+    tree = getattr(metadata, "item_metadata", metadata)
+    if tree is None or not hasattr(tree, "keys"):  # Newer Orbax logs a damaged tree and returns None.
+        raise errors.InputError(
+            f"cannot read checkpoint {params_dir}: no readable PyTree metadata (truncated, corrupt, or not a PyTree)"
+        )
+    if list(tree.keys()) != [PARAMS_KEY]:
+        raise errors.InputError(
+            f"{params_dir} has top-level keys {list(tree.keys())}; openpi params have only 'params'"
+        )
+    return tree
+
+
+def read_contents(params_dir: pathlib.Path) -> Contents:
+    """Reads shapes and dtypes of every parameter, no array data."""
+    flat = traverse_util.flatten_dict(dict(_metadata_tree(params_dir)[PARAMS_KEY]))
+    value_suffix = bool(flat) and all(path[-1] == VALUE_SUFFIX for path in flat)
+    leaves = {}
+    for path, meta in flat.items():
+        path = path[:-1] if value_suffix else path
+        if getattr(meta, "shape", None) is None or getattr(meta, "dtype", None) is None:
+            raise errors.InputError(f"{params_dir}: parameter {'/'.join(path)} is not an array")
+        leaves[path] = plan.Leaf(path=path, shape=tuple(meta.shape), dtype=np.dtype(meta.dtype))
+    return Contents(leaves=leaves, value_suffix=value_suffix)
+
+
+def _nested(params: dict[plan.Path, object], value_suffix: bool) -> dict:
+    suffix = (VALUE_SUFFIX,) if value_suffix else ()
+    return {PARAMS_KEY: traverse_util.unflatten_dict({path + suffix: v for path, v in params.items()})}
+
+
+def restore(params_dir: pathlib.Path, contents: Contents) -> dict[plan.Path, jax.Array]:
+    """Restores every parameter onto JAX's default device, in its stored dtype."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    item = _nested(contents.leaves, contents.value_suffix)
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), item)
+    try:
+        with _checkpointer() as checkpointer:
+            restored = checkpointer.restore(
+                params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
+            )
+    except Exception as e:  # As in _metadata_tree: a damaged file surfaces as any of many exception types.
+        raise _unreadable(params_dir, e) from e
+    flat = traverse_util.flatten_dict(restored[PARAMS_KEY])
+    return {path[:-1] if contents.value_suffix else path: array for path, array in flat.items()}
+
+
+def save(params_dir: pathlib.Path, params: dict[plan.Path, jax.Array], *, value_suffix: bool) -> None:
+    """Writes ``params`` as openpi does: one top-level ``params`` key, with the input's ``value`` convention."""
+    with _checkpointer() as checkpointer:
+        checkpointer.save(params_dir, args=ocp.args.PyTreeSave(_nested(params, value_suffix)))
+
+
+def copy_assets(source: Source, step_dir: pathlib.Path) -> None:
+    """Copies ``assets/`` (norm stats that serving needs) byte for byte."""
+    if source.assets_dir is not None:
+        shutil.copytree(source.assets_dir, step_dir / "assets")
+
+
+def check_output(output: str, source: Source, *, overwrite: bool) -> pathlib.Path:
+    """Resolves the output step dir, refusing one that exists (unless overwrite) or that overlaps the input."""
+    target = pathlib.Path(output).expanduser().resolve()
+    if target == source.root or source.root in target.parents:
+        raise errors.OutputError(f"output {target} lies inside the input {source.root}: write it elsewhere")
+    if target in source.root.parents:
+        raise errors.OutputError(f"output {target} contains the input {source.root}: write it elsewhere")
+    if target.exists() and not overwrite:
+        raise errors.OutputError(f"output {target} already exists: remove it or pass --config.overwrite=True")
+    if target.exists() and not target.is_dir():
+        raise errors.OutputError(f"output {target} exists and is not a directory")
+    return target
+
+
+@contextlib.contextmanager
+def staged_output(target: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yields a hidden staging dir beside ``target`` that becomes ``target`` only if the block completes.
+
+    A failed or interrupted run removes the staging dir; a killed one leaves a hidden ``.<name>.openpi-merge-tmp-*``
+    dir, never anything at ``target``, and the next run for the same target removes it.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}{_STAGING}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = target.parent / f".{target.name}{_STAGING}{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        if target.exists():
+            retired = staging.with_name(staging.name + "-old")
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,96 @@
+"""The merge config: an ml_collections ConfigDict for the command line, read into frozen, validated settings."""
+
+import dataclasses
+
+import ml_collections
+import ml_dtypes
+import numpy as np
+from ml_collections import config_dict
+
+from openpi_merge import errors, variants
+
+# The model families openpi fine-tunes with LoRA, and the LoRA variants of their experts in openpi's configs.
+MODEL_EXPERTS: dict[str, dict[str, str]] = {
+    "pi0": {"paligemma": "gemma_2b_lora", "action_expert": "gemma_300m_lora"},
+    "pi05": {"paligemma": "gemma_2b_lora", "action_expert": "gemma_300m_lora"},
+    "pi0_fast": {"paligemma": "gemma_2b_lora"},
+}
+# openpi names the action expert's modules with this suffix (q_einsum_1, mlp_1, ...); PaliGemma's have none.
+EXPERT_SUFFIXES = {"paligemma": "", "action_expert": "_1"}
+# dtype of merged kernels by config name; None keeps each kernel's own.
+OUTPUT_DTYPES = {"keep": None, "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def make_config(model: str) -> ml_collections.ConfigDict:
+    """The config of a merge for ``model``; every field can be overridden as ``--config.<field>=<value>``."""
+    config = ml_collections.ConfigDict()
+    config.model = model
+    config.input = ""  # A training step dir holding params/, or a bare Orbax params dir.
+    config.output = ""  # The new step dir to write; it must not exist unless overwrite is set.
+    config.overwrite = False
+    config.dtype = "keep"  # dtype of merged kernels: keep (the kernel's own), float32 or bfloat16.
+    for expert, variant in MODEL_EXPERTS[model].items():
+        config[expert] = ml_collections.ConfigDict(
+            {
+                "variant": variant,
+                "alpha": config_dict.placeholder(float),  # None: the variant's alpha.
+                "rslora": False,
+                "lora_axes": (-2, -1),  # openpi's LoRAConfig.axes, for the Einsum modules.
+            }
+        )
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSettings:
+    """LoRA settings of one Gemma expert; ``alpha`` is None unless the user gave one."""
+
+    field: str
+    variant: variants.Variant
+    alpha: float | None
+    rslora: bool
+    lora_axes: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    model: str
+    input: str
+    output: str
+    overwrite: bool
+    dtype: np.dtype | None  # Of merged kernels; None keeps each kernel's own.
+    experts: dict[str, ExpertSettings]  # Keyed by module-name suffix: "" for PaliGemma, "_1" for the action expert.
+
+
+def read_settings(config: ml_collections.ConfigDict) -> Settings:
+    """Validates ``config`` and returns it as typed settings."""
+    if config.model not in MODEL_EXPERTS:
+        raise errors.ConfigError(f"model={config.model!r} is not one of {', '.join(MODEL_EXPERTS)}")
+    for field in ("input", "output"):
+        if not config[field]:
+            raise errors.ConfigError(f"no {field} given: pass --config.{field}=PATH")
+    if config.dtype not in OUTPUT_DTYPES:
+        raise errors.ConfigError(f"dtype={config.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+    experts = {}
+    for field in MODEL_EXPERTS[config.model]:
+        expert = config[field]
+        axes = tuple(expert.lora_axes)
+        if len(axes) != 2 or not all(isinstance(a, int) for a in axes) or axes[0] == axes[1]:
+            raise errors.ConfigError(f"{field}.lora_axes={axes} must be two different kernel axes, e.g. (-2, -1)")
+        if expert.alpha is not None and not expert.alpha > 0:
+            raise errors.ConfigError(f"{field}.alpha={expert.alpha} must be positive")
+        experts[EXPERT_SUFFIXES[field]] = ExpertSettings(
+            field=field,
+            variant=variants.get(expert.variant, field=f"{field}.variant"),
+            alpha=expert.alpha,
+            rslora=bool(expert.rslora),
+            lora_axes=axes,
+        )
+    return Settings(
+        model=config.model,
+        input=config.input,
+        output=config.output,
+        overwrite=bool(config.overwrite),
+        dtype=OUTPUT_DTYPES[config.dtype],
+        experts=experts,
+    )

@@ -1,0 +1,194 @@
+"""Pairs every LoRA-carrying kernel with its adapter, from checkpoint metadata alone, and checks it all fits."""
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from openpi_merge import config, errors, lora
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """A parameter as the checkpoint's metadata describes it; ``path`` has no ``params`` prefix or ``value`` suffix."""
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.path)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """A kernel, its LoRA factors, and how to fold them: ``merged = kernel + scale * einsum(update_equation, A, B)``."""
+
+    kind: lora.ModuleKind
+    expert: str
+    kernel: Leaf
+    lora_a: Leaf
+    lora_b: Leaf
+    rank: int
+    alpha: float | None  # None for FeedForward kernels, whose LoRA is unscaled.
+    scale: float
+    update_equation: str  # For one layer: A, B -> dW.
+    batch_ndim: int  # Leading axes (openpi's scanned depth) that stack independent layers.
+    out_dtype: np.dtype
+
+    @property
+    def merged(self) -> Leaf:
+        """The kernel as it is written out."""
+        return dataclasses.replace(self.kernel, dtype=self.out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    pairs: tuple[Pair, ...]
+    kept: tuple[Leaf, ...]  # Leaves written as they are.
+    notes: tuple[str, ...]  # Things worth telling the user that do not stop the merge.
+
+    @property
+    def leaves_in(self) -> tuple[Leaf, ...]:
+        return self.kept + tuple(leaf for p in self.pairs for leaf in (p.kernel, p.lora_a, p.lora_b))
+
+    @property
+    def leaves_out(self) -> tuple[Leaf, ...]:
+        return self.kept + tuple(p.merged for p in self.pairs)
+
+
+def is_lora_leaf(path: Path) -> bool:
+    name = path[-1]
+    return name in ("lora_a", "lora_b") or name.endswith(("_lora_a", "_lora_b"))
+
+
+def _match_kind(path: Path) -> tuple[lora.ModuleKind, str] | None:
+    """The module kind of a kernel path and its expert suffix, or None if it is no LoRA-capable kernel."""
+    if len(path) < 2:
+        return None
+    module, leaf = path[-2], path[-1]
+    for kind in lora.MODULE_KINDS:
+        for suffix in config.EXPERT_SUFFIXES.values():
+            if leaf == kind.kernel and module == kind.module + suffix:
+                return kind, suffix
+    return None
+
+
+def _negative_axes(axes: tuple[int, int], layer_ndim: int, path: str) -> tuple[int, int]:
+    """openpi's LoRA axes index the per-layer kernel; as negative axes they index the stored (scanned) array too."""
+    if not all(-layer_ndim <= a < layer_ndim for a in axes):
+        raise errors.PlanError(f"{path}: lora_axes {axes} do not fit its {layer_ndim}-d per-layer kernel")
+    return axes[0] % layer_ndim - layer_ndim, axes[1] % layer_ndim - layer_ndim
+
+
+def _plan_pair(
+    kind: lora.ModuleKind,
+    expert: config.ExpertSettings,
+    kernel: Leaf,
+    lora_a: Leaf,
+    lora_b: Leaf,
+    dtype: np.dtype | None,
+) -> Pair:
+    layer_ndim = len(lora.split_equation(kind.equation)[1])
+    batch_ndim = len(kernel.shape) - layer_ndim
+    if batch_ndim < 0:
+        raise errors.PlanError(f"{kernel.name} has shape {kernel.shape}; a {kind.name} kernel has {layer_ndim} axes")
+    axes = _negative_axes(expert.lora_axes if kind.scaled else lora.FEEDFORWARD_AXES, layer_ndim, kernel.name)
+    if len(lora_a.shape) != len(kernel.shape):
+        raise errors.PlanError(f"{lora_a.name} has shape {lora_a.shape}, which does not fit kernel {kernel.shape}")
+    rank = lora_a.shape[axes[1]]
+    want_a, want_b = lora.factor_shapes(kernel.shape, axes, rank)
+    for leaf, want in ((lora_a, want_a), (lora_b, want_b)):
+        if leaf.shape != want:
+            raise errors.PlanError(
+                f"{leaf.name} has shape {leaf.shape}; kernel {kernel.shape} with LoRA rank {rank} on axes {axes} "
+                f"needs {want}"
+            )
+
+    variant = expert.variant
+    if rank != variant.rank and expert.alpha is None:
+        raise errors.PlanError(
+            f"{kernel.name} has LoRA rank {rank} but {expert.field}.variant={variant.name} has rank {variant.rank}: "
+            f"pass the alpha it was trained with, e.g. --config.{expert.field}.alpha={float(rank)}"
+        )
+    alpha = expert.alpha if expert.alpha is not None else variant.alpha
+    if kind.scaled:
+        scale = lora.scale(alpha, rank, rslora=expert.rslora)
+    else:
+        alpha, scale = None, 1.0
+    return Pair(
+        kind=kind,
+        expert=expert.field,
+        kernel=kernel,
+        lora_a=lora_a,
+        lora_b=lora_b,
+        rank=rank,
+        alpha=alpha,
+        scale=scale,
+        update_equation=lora.update_equation(kind.equation, axes),
+        batch_ndim=batch_ndim,
+        out_dtype=dtype or kernel.dtype,
+    )
+
+
+def make_plan(leaves: dict[Path, Leaf], settings: config.Settings) -> Plan:
+    """Pairs kernels with LoRA factors by openpi's module table; raises PlanError naming the path on any misfit."""
+    lora_paths = {path for path in leaves if is_lora_leaf(path)}
+    if not lora_paths:
+        raise errors.PlanError("no LoRA leaves in the checkpoint: nothing to merge (is it a base or merged one?)")
+
+    pairs, consumed = [], set()
+    for path, kernel in leaves.items():
+        match = _match_kind(path)
+        if match is None:
+            continue
+        kind, suffix = match
+        a_path, b_path = (*path[:-1], kind.lora_a), (*path[:-1], kind.lora_b)
+        present = [p for p in (a_path, b_path) if p in leaves]
+        if not present:
+            continue
+        if len(present) == 1:
+            missing = b_path if present[0] == a_path else a_path
+            raise errors.PlanError(f"{'/'.join(present[0])} has no partner: {'/'.join(missing)} is missing")
+        expert = settings.experts.get(suffix)
+        if expert is None:
+            raise errors.PlanError(
+                f"{kernel.name} carries LoRA for an action expert, which model={settings.model} does not have"
+            )
+        if not expert.variant.has_lora:
+            raise errors.PlanError(
+                f"{kernel.name} carries LoRA but {expert.field}.variant={expert.variant.name} has none: "
+                f"use --config.{expert.field}.variant={expert.variant.name}_lora"
+            )
+        pairs.append(_plan_pair(kind, expert, kernel, leaves[a_path], leaves[b_path], settings.dtype))
+        consumed.update((a_path, b_path))
+
+    if unpaired := sorted(lora_paths - consumed):
+        raise errors.PlanError(
+            f"{'/'.join(unpaired[0])} is a LoRA leaf with no kernel to fold into "
+            f"(known modules: {', '.join(k.name for k in lora.MODULE_KINDS)}); {len(unpaired)} such leaves"
+        )
+    for expert in settings.experts.values():
+        if expert.variant.has_lora and not any(p.expert == expert.field for p in pairs):
+            raise errors.PlanError(
+                f"{expert.field}.variant={expert.variant.name} has LoRA but the checkpoint has none for it: "
+                f"set --config.{expert.field}.variant={expert.variant.name.removesuffix('_lora')}"
+            )
+
+    kept = tuple(leaf for path, leaf in leaves.items() if path not in consumed and not is_lora_leaf(path))
+    return Plan(pairs=tuple(pairs), kept=kept, notes=_notes(pairs))
+
+
+def _notes(pairs: list[Pair]) -> tuple[str, ...]:
+    trained = collections.Counter(p.expert for p in pairs if p.kernel.dtype == np.float32)
+    return tuple(
+        f"{count} {expert} kernels are stored float32, not bfloat16: the base was trained too; the merge is the same"
+        for expert, count in trained.items()
+    )

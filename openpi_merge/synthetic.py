@@ -1,0 +1,370 @@
+"""Synthetic openpi LoRA fine-tune checkpoints, laid out exactly as openpi training writes them.
+
+The parameter trees are those of openpi's ``Pi0Config(paligemma_variant="gemma_2b_lora",
+action_expert_variant="gemma_300m_lora")`` (``pi0``), the same with ``pi05=True`` (``pi05``) and
+``Pi0FASTConfig(paligemma_variant="gemma_2b_lora")`` (``pi0_fast``), read off openpi's own models. Dtypes are those a
+LoRA fine-tune stores: leaves frozen by openpi's LoRA freeze filter (every ``PaliGemma/llm`` leaf that is not a LoRA
+leaf) are bfloat16, everything else (LoRA leaves, SigLIP, projections) float32.
+
+``scale="full"`` gives openpi's real dimensions (about 3.3 B parameters); ``scale="tiny"`` the same tree with small
+dimensions, for unit tests.
+
+Values are random and non-zero (no leaf is left at openpi's zero init), drawn per leaf from a generator seeded by
+``(seed, crc32(path))`` so that the same leaf gets the same values whatever else the tree holds:
+
+* kernels and embeddings: normal with std ``1 / sqrt(fan_in)`` (a LeCun-normal-like init);
+* norm scales, biases, ``pos_embedding``: normal with std 0.02;
+* LoRA ``A`` and ``B``: normal with std 0.05. openpi initialises both at normal(0.01), whose product is of the order
+  of a bfloat16 rounding step of the kernels: with 0.05 the update ``A @ B`` (std ``0.0025 * sqrt(rank)``, 0.01 at
+  rank 16) is many bfloat16 ulps of every kernel, so merging visibly changes every paired kernel.
+"""
+
+import dataclasses
+import json
+import pathlib
+import zlib
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+
+MODELS = ("pi0", "pi05", "pi0_fast")
+SCALES = ("tiny", "full")
+
+PARAMS_ITEM = "params"
+TRAIN_STATE_ITEM = "train_state"
+ASSETS_DIR = "assets"
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+FLOAT32 = np.dtype(np.float32)
+
+_LORA_STD = 0.05
+_SMALL_STD = 0.02
+_CHUNK = 1 << 22  # Elements generated at a time: 16 MiB of float32 scratch.
+_LORA_SUFFIXES = ("lora_a", "lora_b")
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaDims:
+    """Dimensions of one Gemma expert of openpi's language model, and its LoRA rank."""
+
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rank: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipDims:
+    """Dimensions of the SigLIP image encoder (``PaliGemma/img``)."""
+
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    patch_size: int
+    num_patches: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    """Everything that sets the shapes of one model's parameter tree."""
+
+    model: str
+    scale: str
+    paligemma: GemmaDims
+    action_expert: GemmaDims | None  # None for pi0-FAST, which has a single expert.
+    siglip: SiglipDims
+    vocab_size: int
+    action_dim: int
+
+    @property
+    def experts(self) -> tuple[GemmaDims, ...]:
+        return (self.paligemma,) if self.action_expert is None else (self.paligemma, self.action_expert)
+
+
+_FULL_PALIGEMMA = GemmaDims(width=2048, depth=18, mlp_dim=16_384, num_heads=8, num_kv_heads=1, head_dim=256, rank=16)
+_FULL_EXPERT = GemmaDims(width=1024, depth=18, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=256, rank=32)
+_FULL_SIGLIP = SiglipDims(width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=14, num_patches=256)
+_TINY_PALIGEMMA = GemmaDims(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16, rank=16)
+# Rank equal to the width on purpose: shapes alone then cannot tell the LoRA axes apart.
+_TINY_EXPERT = GemmaDims(width=32, depth=2, mlp_dim=64, num_heads=4, num_kv_heads=1, head_dim=16, rank=32)
+_TINY_SIGLIP = SiglipDims(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=2, num_patches=16)
+
+
+def model_dims(model: str, scale: str, *, fused_qkv: bool = False) -> ModelDims:
+    """Dimensions of ``model`` at ``scale``.
+
+    ``fused_qkv`` sets ``num_kv_heads = num_heads``, which makes openpi build one ``qkv_einsum`` instead of
+    ``q_einsum`` + ``kv_einsum``. openpi's mixture attention asserts that all experts share ``num_kv_heads``, so for
+    pi0 and pi0.5 it applies to the action expert as well.
+    """
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}: expected one of {MODELS}")
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}: expected one of {SCALES}")
+    full = scale == "full"
+    paligemma = _FULL_PALIGEMMA if full else _TINY_PALIGEMMA
+    expert = None if model == "pi0_fast" else (_FULL_EXPERT if full else _TINY_EXPERT)
+    if fused_qkv:
+        paligemma = dataclasses.replace(paligemma, num_kv_heads=paligemma.num_heads)
+        if expert is not None:
+            expert = dataclasses.replace(expert, num_kv_heads=expert.num_heads)
+    return ModelDims(
+        model=model,
+        scale=scale,
+        paligemma=paligemma,
+        action_expert=expert,
+        siglip=_FULL_SIGLIP if full else _TINY_SIGLIP,
+        vocab_size=257_152 if full else 128,
+        action_dim=32 if full else 8,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    std: float
+
+
+def _is_lora(path: str) -> bool:
+    return path.rsplit("/", 1)[-1].endswith(_LORA_SUFFIXES)
+
+
+def _siglip_leaves(dims: ModelDims) -> list[_Leaf]:
+    s, width = dims.siglip, dims.paligemma.width
+    c, n, h, f, depth = s.width, s.num_heads, s.head_dim, s.mlp_dim, s.depth
+    block = "PaliGemma/img/Transformer/encoderblock"
+    leaves = [
+        ("PaliGemma/img/Transformer/encoder_norm/bias", (c,), None),
+        ("PaliGemma/img/Transformer/encoder_norm/scale", (c,), None),
+        (f"{block}/LayerNorm_0/bias", (depth, c), None),
+        (f"{block}/LayerNorm_0/scale", (depth, c), None),
+        (f"{block}/LayerNorm_1/bias", (depth, c), None),
+        (f"{block}/LayerNorm_1/scale", (depth, c), None),
+        (f"{block}/MlpBlock_0/Dense_0/bias", (depth, f), None),
+        (f"{block}/MlpBlock_0/Dense_0/kernel", (depth, c, f), c),
+        (f"{block}/MlpBlock_0/Dense_1/bias", (depth, c), None),
+        (f"{block}/MlpBlock_0/Dense_1/kernel", (depth, f, c), f),
+        (f"{block}/MultiHeadDotProductAttention_0/out/bias", (depth, c), None),
+        (f"{block}/MultiHeadDotProductAttention_0/out/kernel", (depth, n, h, c), n * h),
+        ("PaliGemma/img/embedding/bias", (c,), None),
+        ("PaliGemma/img/embedding/kernel", (s.patch_size, s.patch_size, 3, c), s.patch_size * s.patch_size * 3),
+        ("PaliGemma/img/head/bias", (width,), None),
+        ("PaliGemma/img/head/kernel", (c, width), c),
+        ("PaliGemma/img/pos_embedding", (1, s.num_patches, c), None),
+    ]
+    for name in ("key", "query", "value"):  # SigLIP really has a module named "value".
+        leaves.append((f"{block}/MultiHeadDotProductAttention_0/{name}/bias", (depth, n, h), None))
+        leaves.append((f"{block}/MultiHeadDotProductAttention_0/{name}/kernel", (depth, c, n, h), c))
+    return [_Leaf(p, shape, FLOAT32, _SMALL_STD if fan_in is None else fan_in**-0.5) for p, shape, fan_in in leaves]
+
+
+def _einsum_leaves(path: str, depth: int, shape: tuple[int, ...], fan_in: int, rank: int) -> list[_Leaf]:
+    # openpi's lora.Einsum with the default axes (-2, -1): A replaces the last kernel axis with the rank, B the
+    # second last. The scan's depth axis leads all three.
+    shape_a, shape_b = list(shape), list(shape)
+    shape_a[-1] = rank
+    shape_b[-2] = rank
+    return [
+        _Leaf(f"{path}/w", (depth, *shape), BFLOAT16, fan_in**-0.5),
+        _Leaf(f"{path}/lora_a", (depth, *shape_a), FLOAT32, _LORA_STD),
+        _Leaf(f"{path}/lora_b", (depth, *shape_b), FLOAT32, _LORA_STD),
+    ]
+
+
+def _expert_leaves(g: GemmaDims, suffix: str, adarms: bool) -> list[_Leaf]:
+    d, depth, f, rank = g.width, g.depth, g.mlp_dim, g.rank
+    attn = "PaliGemma/llm/layers/attn"
+    leaves = []
+    if g.num_kv_heads == g.num_heads:
+        leaves += _einsum_leaves(f"{attn}/qkv_einsum{suffix}", depth, (3, g.num_heads, d, g.head_dim), d, rank)
+    else:
+        leaves += _einsum_leaves(f"{attn}/q_einsum{suffix}", depth, (g.num_heads, d, g.head_dim), d, rank)
+        leaves += _einsum_leaves(f"{attn}/kv_einsum{suffix}", depth, (2, g.num_kv_heads, d, g.head_dim), d, rank)
+    leaves += _einsum_leaves(
+        f"{attn}/attn_vec_einsum{suffix}", depth, (g.num_heads, g.head_dim, d), g.num_heads * g.head_dim, rank
+    )
+    mlp = f"PaliGemma/llm/layers/mlp{suffix}"
+    leaves += [
+        _Leaf(f"{mlp}/gating_einsum", (depth, 2, d, f), BFLOAT16, d**-0.5),
+        _Leaf(f"{mlp}/gating_einsum_lora_a", (depth, 2, d, rank), FLOAT32, _LORA_STD),
+        _Leaf(f"{mlp}/gating_einsum_lora_b", (depth, 2, rank, f), FLOAT32, _LORA_STD),
+        _Leaf(f"{mlp}/linear", (depth, f, d), BFLOAT16, f**-0.5),
+        _Leaf(f"{mlp}/linear_lora_a", (depth, f, rank), FLOAT32, _LORA_STD),
+        _Leaf(f"{mlp}/linear_lora_b", (depth, rank, d), FLOAT32, _LORA_STD),
+    ]
+    norms = [("PaliGemma/llm/layers/pre_attention_norm", (depth,)), ("PaliGemma/llm/layers/pre_ffw_norm", (depth,))]
+    norms.append(("PaliGemma/llm/final_norm", ()))
+    for norm, lead in norms:
+        if adarms:  # pi0.5's adaptive RMSNorm: a Dense producing scale, shift and gate, and no scale parameter.
+            leaves.append(_Leaf(f"{norm}{suffix}/Dense_0/bias", (*lead, 3 * d), BFLOAT16, _SMALL_STD))
+            leaves.append(_Leaf(f"{norm}{suffix}/Dense_0/kernel", (*lead, d, 3 * d), BFLOAT16, d**-0.5))
+        else:
+            leaves.append(_Leaf(f"{norm}{suffix}/scale", (*lead, d), BFLOAT16, _SMALL_STD))
+    return leaves
+
+
+def _projection_leaves(dims: ModelDims) -> list[_Leaf]:
+    if dims.action_expert is None:
+        return []
+    w, a = dims.action_expert.width, dims.action_dim
+    linears = [("action_in_proj", a, w), ("action_out_proj", w, a)]
+    if dims.model == "pi05":
+        linears += [("time_mlp_in", w, w), ("time_mlp_out", w, w)]
+    else:
+        linears += [("state_proj", a, w), ("action_time_mlp_in", 2 * w, w), ("action_time_mlp_out", w, w)]
+    leaves = []
+    for name, fan_in, fan_out in linears:
+        leaves.append(_Leaf(f"{name}/bias", (fan_out,), FLOAT32, _SMALL_STD))
+        leaves.append(_Leaf(f"{name}/kernel", (fan_in, fan_out), FLOAT32, fan_in**-0.5))
+    return leaves
+
+
+def _leaves(model: str, scale: str, *, lora: bool = True, fused_qkv: bool = False) -> list[_Leaf]:
+    dims = model_dims(model, scale, fused_qkv=fused_qkv)
+    width = dims.paligemma.width
+    leaves = _siglip_leaves(dims)
+    leaves.append(_Leaf("PaliGemma/llm/embedder/input_embedding", (dims.vocab_size, width), BFLOAT16, width**-0.5))
+    for i, expert in enumerate(dims.experts):
+        leaves += _expert_leaves(expert, f"_{i}" if i else "", adarms=dims.model == "pi05" and i == 1)
+    leaves += _projection_leaves(dims)
+    if not lora:
+        leaves = [leaf for leaf in leaves if not _is_lora(leaf.path)]
+    return sorted(leaves, key=lambda leaf: leaf.path)
+
+
+def param_specs(
+    model: str, scale: str, *, lora: bool = True, fused_qkv: bool = False
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Flat '/'-joined path -> shape and dtype of each parameter in a LoRA fine-tune checkpoint.
+
+    Paths carry neither the ``params`` prefix nor the ``value`` suffix. With ``lora=False``, the base (non-LoRA)
+    tree: the same leaves minus every LoRA leaf, in the same dtypes (what a merged checkpoint holds).
+    """
+    return {
+        leaf.path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+        for leaf in _leaves(model, scale, lora=lora, fused_qkv=fused_qkv)
+    }
+
+
+def _random(leaf: _Leaf, seed: int) -> np.ndarray:
+    # Drawn in float32 chunks, scaled in place and cast into the output: no full-size float64 or float32 temporary.
+    rng = np.random.default_rng([seed, zlib.crc32(leaf.path.encode())])
+    out = np.empty(leaf.shape, leaf.dtype)
+    flat = out.reshape(-1)
+    scratch = None if leaf.dtype == FLOAT32 else np.empty(min(flat.size, _CHUNK), FLOAT32)
+    for start in range(0, flat.size, _CHUNK):
+        stop = min(start + _CHUNK, flat.size)
+        chunk = flat[start:stop] if scratch is None else scratch[: stop - start]
+        rng.standard_normal(dtype=np.float32, out=chunk)
+        chunk *= np.float32(leaf.std)
+        if scratch is not None:
+            flat[start:stop] = chunk
+    return out
+
+
+def make_params(model: str, scale: str, *, seed: int = 0, fused_qkv: bool = False) -> dict:
+    """Nested dict of random, non-zero numpy arrays with the tree, shapes and dtypes of ``param_specs``."""
+    params: dict = {}
+    for leaf in _leaves(model, scale, fused_qkv=fused_qkv):
+        *parents, name = leaf.path.split("/")
+        node = params
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[name] = _random(leaf, seed)
+    return params
+
+
+def _with_value_suffix(tree: dict) -> dict:
+    return {k: _with_value_suffix(v) if isinstance(v, dict) else {"value": v} for k, v in tree.items()}
+
+
+def _norm_stats(seed: int) -> dict:
+    # openpi's normalize.save: {"norm_stats": {key: {"mean", "std", "q01", "q99"}}}, arrays as lists, indent 2.
+    rng = np.random.default_rng([seed, zlib.crc32(b"norm_stats")])
+    stats = {}
+    for key, dim in (("state", 8), ("actions", 7)):
+        mean = rng.standard_normal(dim)
+        std = rng.uniform(0.1, 1.0, dim)
+        stats[key] = {
+            "mean": mean.tolist(),
+            "std": std.tolist(),
+            "q01": (mean - 2.3 * std).tolist(),
+            "q99": (mean + 2.3 * std).tolist(),
+        }
+    return {"norm_stats": stats}
+
+
+def _train_state(step: int) -> dict:
+    # Stand-in for openpi's TrainState minus its params: a step counter and a small optimizer-state-like tree.
+    return {
+        "step": np.asarray(step, np.int32),
+        "opt_state": {
+            "count": np.asarray(step, np.int32),
+            "mu": {"action_in_proj": {"kernel": {"value": np.zeros((4, 4), np.float32)}}},
+            "nu": {"action_in_proj": {"kernel": {"value": np.full((4, 4), 1e-8, np.float32)}}},
+        },
+    }
+
+
+def write_checkpoint(
+    directory: str | pathlib.Path,
+    model: str = "pi0",
+    scale: str = "tiny",
+    *,
+    step: int = 1000,
+    value_suffix: bool = True,
+    seed: int = 0,
+    fused_qkv: bool = False,
+    asset_id: str = "example_robot",
+) -> pathlib.Path:
+    """Writes ``<directory>/<step>/`` as openpi training does and returns that step dir.
+
+    The step dir holds ``params/`` (Orbax PyTree checkpoint, single top-level key ``params``, every leaf path ending in
+    ``value`` when ``value_suffix`` as an ``nnx.State`` saves it), ``train_state/``, ``assets/<asset_id>/norm_stats.json``
+    and Orbax's ``_CHECKPOINT_METADATA``. Arrays are written from numpy, so peak memory stays near the tree's size.
+    """
+    directory = pathlib.Path(directory).expanduser().resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    params = make_params(model, scale, seed=seed, fused_qkv=fused_qkv)
+    if value_suffix:
+        params = _with_value_suffix(params)
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={
+            TRAIN_STATE_ITEM: ocp.PyTreeCheckpointHandler(),
+            PARAMS_ITEM: ocp.PyTreeCheckpointHandler(),
+        },
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=False),
+    )
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    TRAIN_STATE_ITEM: ocp.args.PyTreeSave(_train_state(step)),
+                    PARAMS_ITEM: ocp.args.PyTreeSave({PARAMS_ITEM: params}),
+                }
+            ),
+        )
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    del params
+    step_dir = directory / str(step)
+    # openpi writes assets through a callback item of the same save; written after the save here, same result on disk.
+    assets = step_dir / ASSETS_DIR / asset_id
+    assets.mkdir(parents=True, exist_ok=True)
+    (assets / "norm_stats.json").write_text(json.dumps(_norm_stats(seed), indent=2))
+    return step_dir

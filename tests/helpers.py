@@ -1,0 +1,60 @@
+"""Ways to run a merge as a user would and to read what it wrote."""
+
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
+    """Runs ``python -m openpi_merge`` as a user would, from the repo root."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "openpi_merge", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def stored_paths(params_dir: pathlib.Path) -> list[tuple[str, ...]]:
+    """Every parameter's full key path as stored, 'params' prefix and any 'value' suffix included."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(params_dir)
+    return list(traverse_util.flatten_dict(dict(getattr(metadata, "item_metadata", metadata))))
+
+
+def restore_flat(params_dir: pathlib.Path) -> dict[tuple[str, ...], np.ndarray]:
+    """Restores params the way openpi's ``model.restore_params`` does, as numpy, keyed by path without 'value'."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(params_dir)
+        metadata = getattr(metadata, "item_metadata", metadata)  # orbax-checkpoint 0.11 returns the tree itself.
+        item = {"params": metadata["params"]}
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), item)
+        params = checkpointer.restore(params_dir, ocp.args.PyTreeRestore(item=item, restore_args=restore_args))["params"]
+    flat = traverse_util.flatten_dict(params)
+    if all(path[-1] == "value" for path in flat):
+        flat = {path[:-1]: v for path, v in flat.items()}
+    return flat
+
+
+def file_hashes(root: pathlib.Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def write_params(params_dir: pathlib.Path, flat: dict[tuple[str, ...], np.ndarray], value_suffix: bool = True) -> None:
+    """Writes a hand-made params checkpoint in openpi's layout (single top-level 'params' key)."""
+    suffix = ("value",) if value_suffix else ()
+    tree = traverse_util.unflatten_dict({path + suffix: v for path, v in flat.items()})
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(params_dir, {"params": tree})

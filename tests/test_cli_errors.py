@@ -1,0 +1,176 @@
+"""Every expected mistake ends in one clear line on stderr, a documented exit code, no traceback and no output."""
+
+import shutil
+
+import numpy as np
+import pytest
+from flax import traverse_util
+from helpers import file_hashes, run_cli, write_params
+
+from openpi_merge import checkpoint, errors, synthetic
+
+LLM = ("PaliGemma", "llm", "layers")
+
+
+def _assert_fails(result, error: type[errors.MergeError], message: str):
+    assert result.returncode == error.exit_code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("openpi-merge: error:")]
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0], lines[0]
+
+
+def _merge(step, out, *overrides, config="pi0"):
+    return run_cli(f"--config=configs/{config}_lora.py", f"--config.input={step}", f"--config.output={out}", *overrides)
+
+
+def _edited_checkpoint(tmp_path, edit, model="pi0"):
+    """A pi0 params checkpoint written by Orbax after ``edit`` changed its flat param dict."""
+    flat = traverse_util.flatten_dict(synthetic.make_params(model, "tiny"))
+    edit(flat)
+    write_params(tmp_path / "edited" / "params", flat)
+    return tmp_path / "edited"
+
+
+def test_missing_input(tmp_path):
+    _assert_fails(_merge(tmp_path / "nope", tmp_path / "out"), errors.InputError, "does not exist")
+
+
+def test_not_an_orbax_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _assert_fails(_merge(tmp_path / "empty", tmp_path / "out"), errors.InputError, "is not an Orbax checkpoint")
+
+
+def test_checkpoint_dir_instead_of_a_step_dir(tiny_checkpoint, tmp_path):
+    step = tiny_checkpoint("pi0")
+    _assert_fails(_merge(step.parent, tmp_path / "out"), errors.InputError, f"pass one, e.g. {step}")
+
+
+def test_unfinished_orbax_save(tiny_checkpoint, tmp_path):
+    unfinished = tmp_path / "1000.orbax-checkpoint-tmp-7"
+    shutil.copytree(tiny_checkpoint("pi0"), unfinished)
+    _assert_fails(_merge(unfinished, tmp_path / "out"), errors.InputError, "unfinished Orbax save")
+
+
+@pytest.mark.parametrize("damage", ["truncated-data", "garbled-metadata"])
+def test_damaged_checkpoint(tiny_checkpoint, tmp_path, damage):
+    step = tmp_path / "step"
+    shutil.copytree(tiny_checkpoint("pi0"), step)
+    if damage == "truncated-data":
+        for data in (step / "params").glob("**/d/*"):
+            data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    else:
+        (step / "params" / "_METADATA").write_text('{"tree_metadata": {')
+    result = _merge(step, tmp_path / "out")
+    _assert_fails(result, errors.InputError, "cannot read checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_lora_leaves(tiny_checkpoint, tmp_path):
+    assert _merge(tiny_checkpoint("pi0"), tmp_path / "merged").returncode == 0
+    _assert_fails(_merge(tmp_path / "merged", tmp_path / "again"), errors.PlanError, "no LoRA leaves")
+
+
+def test_lora_factor_without_its_partner(tmp_path):
+    step = _edited_checkpoint(tmp_path, lambda flat: flat.pop((*LLM, "attn", "q_einsum", "lora_b")))
+    _assert_fails(_merge(step, tmp_path / "out"), errors.PlanError, "q_einsum/lora_a has no partner")
+
+
+def test_lora_leaves_on_a_module_openpi_has_no_lora_for(tmp_path):
+    def add_stray(flat):
+        flat[("action_in_proj", "lora_a")] = np.ones((8, 2), np.float32)
+        flat[("action_in_proj", "lora_b")] = np.ones((2, 32), np.float32)
+
+    step = _edited_checkpoint(tmp_path, add_stray)
+    _assert_fails(_merge(step, tmp_path / "out"), errors.PlanError, "action_in_proj/lora_a is a LoRA leaf with no kernel")
+
+
+def test_misshapen_lora_factor(tmp_path):
+    def misshape(flat):
+        path = (*LLM, "mlp_1", "linear_lora_b")
+        flat[path] = flat[path][..., :-1]
+
+    step = _edited_checkpoint(tmp_path, misshape)
+    _assert_fails(_merge(step, tmp_path / "out"), errors.PlanError, "mlp_1/linear_lora_b has shape")
+
+
+def test_rank_differs_from_the_named_variant(tiny_checkpoint, tmp_path):
+    step = tiny_checkpoint("pi0")
+    # The action expert was trained with rank 32; gemma_2b_lora's stock rank is 16.
+    result = _merge(step, tmp_path / "out", "--config.action_expert.variant=gemma_2b_lora")
+    _assert_fails(result, errors.PlanError, "has LoRA rank 32 but action_expert.variant=gemma_2b_lora has rank 16")
+    explicit = _merge(step, tmp_path / "out", "--config.action_expert.variant=gemma_2b_lora", "--config.action_expert.alpha=32")
+    assert explicit.returncode == 0, explicit.stderr
+
+
+def test_non_finite_values(tmp_path):
+    def poison(flat):
+        flat[(*LLM, "attn", "attn_vec_einsum", "lora_a")][0, 0, 0, 0] = np.nan
+
+    step = _edited_checkpoint(tmp_path, poison)
+    result = _merge(step, tmp_path / "out")
+    _assert_fails(result, errors.NumericsError, "attn_vec_einsum/w produced NaN or Inf")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_exists_unless_overwrite(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _assert_fails(_merge(tiny_checkpoint("pi0"), out), errors.OutputError, "already exists")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert _merge(tiny_checkpoint("pi0"), out, "--config.overwrite=True").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["assets", "params"]
+
+
+def test_output_inside_input(tiny_checkpoint, tmp_path):
+    step = tmp_path / "step"
+    shutil.copytree(tiny_checkpoint("pi0"), step)
+    before = file_hashes(step)
+    _assert_fails(_merge(step, step / "merged"), errors.OutputError, "lies inside the input")
+    _assert_fails(_merge(step, tmp_path, "--config.overwrite=True"), errors.OutputError, "contains the input")
+    assert file_hashes(step) == before
+
+
+def test_action_expert_lora_with_a_single_expert_config(tiny_checkpoint, tmp_path):
+    result = _merge(tiny_checkpoint("pi0"), tmp_path / "out", config="pi0_fast")
+    _assert_fails(result, errors.PlanError, "action expert, which model=pi0_fast does not have")
+
+
+def test_variant_without_lora_for_an_expert_that_has_it(tiny_checkpoint, tmp_path):
+    result = _merge(tiny_checkpoint("pi0"), tmp_path / "out", "--config.paligemma.variant=gemma_2b")
+    _assert_fails(result, errors.PlanError, "use --config.paligemma.variant=gemma_2b_lora")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--config.paligemma.variant=gemma_7b_lora", "is not an openpi Gemma variant"),
+        ("--config.dtype=float16", "dtype='float16' is not one of"),
+        ("--config.no_such_field=1", "no_such_field"),
+        ("--config.paligemma.alpha=abc", "could not convert string to float"),
+    ],
+)
+def test_bad_config(tiny_checkpoint, tmp_path, override, message):
+    _assert_fails(_merge(tiny_checkpoint("pi0"), tmp_path / "out", override), errors.ConfigError, message)
+
+
+def test_missing_config_fields_and_files(tmp_path):
+    _assert_fails(run_cli("--config=configs/pi0_lora.py"), errors.ConfigError, "no input given")
+    _assert_fails(run_cli("--config=configs/nope.py"), errors.ConfigError, "nope.py")
+    _assert_fails(run_cli(), errors.ConfigError, "no config given")
+
+
+def test_failed_save_leaves_nothing_that_looks_like_a_checkpoint(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), checkpoint.staged_output(target) as staging:
+        (staging / "params").mkdir()
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_staging_of_a_killed_run_is_removed(tiny_checkpoint, tmp_path):
+    stale = tmp_path / ".out.openpi-merge-tmp-deadbeef"
+    (stale / "params").mkdir(parents=True)
+    assert _merge(tiny_checkpoint("pi0"), tmp_path / "out").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
