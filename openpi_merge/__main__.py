@@ -11,32 +11,58 @@ import signal
 import sys
 import tempfile
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from openpi_merge import checkpoint, config, errors, fuse, plan, summary, synthetic
+from openpi_merge import checkpoint, config, errors, fuse, plan, progress, report, summary, synthetic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Merge config file, e.g. configs/pi0_lora.py.")
 # `--config.input=example:<model>` merges a tiny synthetic checkpoint of that model, written to a temporary dir.
 _EXAMPLE_PREFIX = "example:"
 
 
-def merge(settings: config.Settings) -> str:
-    """Runs one merge and returns its summary: plan -> restore -> fuse -> save."""
-    stopwatch = summary.Stopwatch()
+def _plan(settings: config.Settings, outcome: report.Outcome) -> tuple[checkpoint.Source, checkpoint.Contents]:
+    """Reads metadata only and records the plan; with a reference, checks the output tree against it."""
+    source = checkpoint.locate_input(settings.input)
+    contents = checkpoint.read_contents(source.params_dir)
+    reference = None
+    if settings.reference:
+        reference = checkpoint.read_contents(checkpoint.locate_input(settings.reference).params_dir).leaves
+    outcome.merge_plan = plan.make_plan(contents.leaves, settings, reference)
+    return source, contents
+
+
+def inspect(settings: config.Settings, outcome: report.Outcome) -> None:
+    """Prints what a merge would do, from metadata alone; raises PlanError if the merge would hit a problem."""
+    with outcome.stopwatch.phase("plan"):
+        source, _ = _plan(settings, outcome)
+    print(summary.render_plan(outcome.merge_plan, source.params_dir))
+    outcome.merge_plan.raise_on_problems()
+
+
+def merge(settings: config.Settings, outcome: report.Outcome) -> str:
+    """Runs one merge and returns its summary: plan -> restore -> fuse (+ verify) -> save (+ reload check)."""
+    stopwatch = outcome.stopwatch
     with stopwatch.phase("plan"):
-        source = checkpoint.locate_input(settings.input)
-        target = checkpoint.check_output(settings.output, source, overwrite=settings.overwrite)
-        contents = checkpoint.read_contents(source.params_dir)
-        merge_plan = plan.make_plan(contents.leaves, settings)
+        source, contents = _plan(settings, outcome)
+        outcome.output = checkpoint.check_output(settings.output, source, overwrite=settings.overwrite)
+        outcome.merge_plan.raise_on_problems()
     with stopwatch.phase("restore"):
         params = checkpoint.restore(source.params_dir, contents)
     with stopwatch.phase("fuse"):
-        merged = fuse.fuse_all(merge_plan, params)
-    with stopwatch.phase("save"), checkpoint.staged_output(target) as staging:
-        checkpoint.save(staging / checkpoint.PARAMS_KEY, merged, value_suffix=contents.value_suffix)
-        checkpoint.copy_assets(source, staging)
-    return summary.render(merge_plan, target, stopwatch)
+        fused = progress.Progress("fuse", len(outcome.merge_plan.pairs))
+        merged, outcome.checks = fuse.fuse_all(
+            outcome.merge_plan, params, verify=settings.verify, on_pair=lambda pair: fused.advance(pair.kernel.name)
+        )
+    with checkpoint.staged_output(outcome.output) as staging:
+        with stopwatch.phase("save"):
+            checkpoint.save(staging / checkpoint.PARAMS_KEY, merged, value_suffix=contents.value_suffix)
+            checkpoint.copy_assets(source, staging)
+        if settings.verify_reload:
+            with stopwatch.phase("reload"):
+                checkpoint.check_written(staging / checkpoint.PARAMS_KEY, merged, value_suffix=contents.value_suffix)
+    return summary.render(outcome.merge_plan, outcome.checks, outcome.output, stopwatch)
 
 
 @contextlib.contextmanager
@@ -92,15 +118,30 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     sys.unraisablehook = _drop_closed_loop_callbacks
+    # jax 0.5.3 (openpi's pin) loses buffer donation from executables it loads from the persistent compilation
+    # cache on CPU: a cached fuse step then hands back a kernel in freed memory. Compiling afresh is safe.
+    jax.config.update("jax_enable_compilation_cache", False)
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # Orbax logs every step at INFO; --verbosity=0 brings that back.
+    outcome, error = report.Outcome(), None
     try:
-        with _resolve_example(config.read_settings(_CONFIG.value)) as settings:
-            print(merge(settings))
-    except errors.MergeError as e:
-        _fail(e)
+        settings = config.read_settings(_CONFIG.value)
+        with _resolve_example(settings) as settings:
+            if settings.mode == "inspect":
+                inspect(settings, outcome)
+            else:
+                print(merge(settings, outcome))
     except KeyboardInterrupt:
-        _fail(errors.InterruptError("interrupted: nothing was written"))
+        error = errors.InterruptError("interrupted: nothing was written")
+    except errors.MergeError as e:
+        error = e
+    if _CONFIG.value.report:
+        exit_code = error.exit_code if error else 0
+        report.write(
+            _CONFIG.value.report, _CONFIG.value.to_dict(), outcome, exit_code=exit_code, error=error and str(error)
+        )
+    if error:
+        _fail(error)
 
 
 if __name__ == "__main__":

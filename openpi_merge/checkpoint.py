@@ -136,6 +136,18 @@ def save(params_dir: pathlib.Path, params: dict[plan.Path, jax.Array], *, value_
         checkpointer.save(params_dir, args=ocp.args.PyTreeSave(_nested(params, value_suffix)))
 
 
+def check_written(params_dir: pathlib.Path, params: dict[plan.Path, jax.Array], *, value_suffix: bool) -> None:
+    """Re-reads a written checkpoint and raises NumericsError unless every leaf is bit-identical to ``params``."""
+    contents = read_contents(params_dir)
+    if contents.value_suffix != value_suffix or contents.leaves.keys() != params.keys():
+        raise errors.NumericsError(f"{params_dir} does not hold the tree that was written")
+    for path, array in restore(params_dir, contents).items():
+        want = np.asarray(params[path])
+        got = np.asarray(array)
+        if got.dtype != want.dtype or got.shape != want.shape or got.tobytes() != want.tobytes():
+            raise errors.NumericsError(f"{params_dir}: {'/'.join(path)} reads back different from what was written")
+
+
 def copy_assets(source: Source, step_dir: pathlib.Path) -> None:
     """Copies ``assets/`` (norm stats that serving needs) byte for byte."""
     if source.assets_dir is not None:

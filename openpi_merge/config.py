@@ -17,6 +17,7 @@ MODEL_EXPERTS: dict[str, dict[str, str]] = {
 }
 # openpi names the action expert's modules with this suffix (q_einsum_1, mlp_1, ...); PaliGemma's have none.
 EXPERT_SUFFIXES = {"paligemma": "", "action_expert": "_1"}
+MODES = ("merge", "inspect")
 # dtype of merged kernels by config name; None keeps each kernel's own.
 OUTPUT_DTYPES = {"keep": None, "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -29,6 +30,11 @@ def make_config(model: str) -> ml_collections.ConfigDict:
     config.output = ""  # The new step dir to write; it must not exist unless overwrite is set.
     config.overwrite = False
     config.dtype = "keep"  # dtype of merged kernels: keep (the kernel's own), float32 or bfloat16.
+    config.mode = "merge"  # merge, or inspect: print the plan from metadata alone and write nothing.
+    config.verify = True  # Probe every merged kernel against its LoRA path before anything is committed.
+    config.verify_reload = False  # Re-read the written checkpoint and compare it bit for bit before committing.
+    config.reference = ""  # A base checkpoint (e.g. openpi's pi0_base params) whose tree the output must match.
+    config.report = ""  # Path of a JSON report (plan, checks, timings, versions, exit status), for batch jobs.
     for expert, variant in MODEL_EXPERTS[model].items():
         config[expert] = ml_collections.ConfigDict(
             {
@@ -59,6 +65,11 @@ class Settings:
     output: str
     overwrite: bool
     dtype: np.dtype | None  # Of merged kernels; None keeps each kernel's own.
+    mode: str
+    verify: bool
+    verify_reload: bool
+    reference: str
+    report: str
     experts: dict[str, ExpertSettings]  # Keyed by module-name suffix: "" for PaliGemma, "_1" for the action expert.
 
 
@@ -66,7 +77,9 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
     """Validates ``config`` and returns it as typed settings."""
     if config.model not in MODEL_EXPERTS:
         raise errors.ConfigError(f"model={config.model!r} is not one of {', '.join(MODEL_EXPERTS)}")
-    for field in ("input", "output"):
+    if config.mode not in MODES:
+        raise errors.ConfigError(f"mode={config.mode!r} is not one of {', '.join(MODES)}")
+    for field in ("input", "output") if config.mode == "merge" else ("input",):
         if not config[field]:
             raise errors.ConfigError(f"no {field} given: pass --config.{field}=PATH")
     if config.dtype not in OUTPUT_DTYPES:
@@ -92,5 +105,10 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
         output=config.output,
         overwrite=bool(config.overwrite),
         dtype=OUTPUT_DTYPES[config.dtype],
+        mode=config.mode,
+        verify=bool(config.verify),
+        verify_reload=bool(config.verify_reload),
+        reference=config.reference,
+        report=config.report,
         experts=experts,
     )

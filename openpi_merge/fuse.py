@@ -1,62 +1,180 @@
-"""Folds LoRA factors into their kernels in float32 under ``jax.jit``, on whatever backend JAX defaults to."""
+"""Folds LoRA factors into their kernels in float32 under ``jax.jit``, on whatever backend JAX defaults to.
 
+With verification on, the same compiled step also runs random probe inputs through the module's own forward
+equation twice, the LoRA way (kernel, then A and B as openpi applies them) and through the merged kernel as stored,
+and measures the difference against what rounding explains (see ``_verify_layer``).
+"""
+
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
-from openpi_merge import errors, plan
+from openpi_merge import errors, lora, plan
 
 Params = dict[plan.Path, jax.Array]
+_F32_UNIT_ROUNDOFF = 2.0**-24
+_PROBE_TOKENS = 4  # Probe inputs per layer: each spans every input direction of the kernel.
 
 
-def _fuse_layer(kernel, lora_a, lora_b, *, equation: str, scale: float, out_dtype: np.dtype):
-    # HIGHEST: on GPU and TPU the default float32 einsum may run in reduced precision (TF32, bf16 passes).
-    delta = jnp.einsum(equation, lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), precision="highest")
-    merged = kernel.astype(jnp.float32) + scale * delta
-    return merged.astype(out_dtype), jnp.all(jnp.isfinite(merged))
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """What verification measured for one pair: the worst relative output error, and that error against its bound."""
+
+    pair: plan.Pair
+    relative_error: float  # max |y_merged - y_lora| / max |y_lora| over all probes and layers.
+    bound_ratio: float  # max |y_merged - y_lora| / (error that rounding explains); above 1 fails.
 
 
-def _fuse(kernel, lora_a, lora_b, *, equation: str, scale: float, out_dtype: np.dtype, batch_ndim: int):
-    """Fuses one stacked kernel layer by layer, so temporaries stay the size of one layer."""
-    fuse_layer = functools.partial(_fuse_layer, equation=equation, scale=scale, out_dtype=out_dtype)
-    if batch_ndim == 0:
-        return fuse_layer(kernel, lora_a, lora_b)
-    batch_shape = kernel.shape[:batch_ndim]
-    stacked = [x.reshape((math.prod(batch_shape), *x.shape[batch_ndim:])) for x in (kernel, lora_a, lora_b)]
-    merged, finite = jax.lax.map(lambda xs: fuse_layer(*xs), tuple(stacked))
-    return merged.reshape(kernel.shape), jnp.all(finite)
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """Static description of one pair's fuse, the key of its compiled function."""
+
+    update_equation: str
+    forward_equation: str
+    lora_equations: tuple[str, str]
+    scale: float
+    out_dtype: np.dtype
+    probe_shape: tuple[int, ...] | None  # None: no verification.
+    tolerance: float  # Relative rounding budget of the probe outputs.
 
 
-_STATIC = ("equation", "scale", "out_dtype", "batch_ndim")
-# Donating the kernel lets the merged kernel reuse its buffer when the dtype is kept: no second copy of the tree.
-_fuse_in_place = jax.jit(_fuse, static_argnames=_STATIC, donate_argnums=0)
-_fuse_to_new = jax.jit(_fuse, static_argnames=_STATIC)
+def _unit_roundoff(dtype: np.dtype) -> float:
+    return float(ml_dtypes.finfo(dtype).eps) / 2
 
 
-def fuse_pair(pair: plan.Pair, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
-    """Returns ``kernel + scale * dW(A, B)`` in the pair's output dtype; raises NumericsError on NaN or Inf."""
-    fuse = _fuse_in_place if np.dtype(kernel.dtype) == pair.out_dtype else _fuse_to_new
-    merged, finite = fuse(
-        kernel,
-        lora_a,
-        lora_b,
-        equation=pair.update_equation,
+def _probe_shape(lhs: str, kernel_dims: dict[str, int]) -> tuple[int, ...]:
+    """Shape of probe inputs: the kernel's sizes on shared axes; batch 1 and ``_PROBE_TOKENS`` on the last free axis."""
+    free = [c for c in lhs if c not in kernel_dims]
+    return tuple(kernel_dims.get(c, _PROBE_TOKENS if c == free[-1] else 1) for c in lhs)
+
+
+def _make_step(pair: plan.Pair, *, verify: bool) -> _Step:
+    lhs, rhs, out = lora.split_equation(pair.kind.equation)
+    layer_shape = pair.kernel.shape[pair.batch_ndim :]
+    dims = dict(zip(rhs, layer_shape, strict=True))
+    contracted = math.prod(dims[c] for c in lhs if c in rhs and c not in out)
+    # The merged kernel's rounding to out_dtype, plus float32 sums over the contraction and the rank in both paths.
+    tolerance = _unit_roundoff(pair.out_dtype) + (contracted + pair.rank + 4) * _F32_UNIT_ROUNDOFF
+    return _Step(
+        update_equation=pair.update_equation,
+        forward_equation=pair.kind.equation,
+        lora_equations=pair.lora_equations,
         scale=pair.scale,
         out_dtype=pair.out_dtype,
-        batch_ndim=pair.batch_ndim,
+        probe_shape=_probe_shape(lhs, dims) if verify else None,
+        tolerance=tolerance,
     )
-    if not bool(finite):
+
+
+def _einsum(equation: str, *operands):
+    # HIGHEST: on GPU and TPU the default float32 einsum may run in reduced precision (TF32, bf16 passes).
+    return jnp.einsum(equation, *operands, precision="highest")
+
+
+def _verify_layer(step: _Step, x, kernel, lora_a, lora_b, merged):
+    """Probe outputs of the LoRA path against the merged kernel: (max |diff|, max |y_lora|, max diff / bound).
+
+    The bound is the standard forward-error bound of the computation: ``tolerance * einsum(|x|, |W'|)`` covers the
+    merged kernel's rounding and float32 accumulation in both paths.
+    """
+    eqn_a, eqn_b = step.lora_equations
+    y_lora = _einsum(step.forward_equation, x, kernel) + step.scale * _einsum(eqn_b, _einsum(eqn_a, x, lora_a), lora_b)
+    y_merged = _einsum(step.forward_equation, x, merged)
+    diff = jnp.abs(y_merged - y_lora)
+    lora_magnitude = jnp.abs(step.scale) * _einsum(eqn_b, _einsum(eqn_a, jnp.abs(x), jnp.abs(lora_a)), jnp.abs(lora_b))
+    magnitude = _einsum(step.forward_equation, jnp.abs(x), jnp.abs(merged) + jnp.abs(kernel)) + lora_magnitude
+    bound = step.tolerance * magnitude + jnp.finfo(jnp.float32).tiny
+    return jnp.max(diff), jnp.max(jnp.abs(y_lora)), jnp.max(diff / bound)
+
+
+def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes):
+    kernel, lora_a, lora_b = (x.astype(jnp.float32) for x in (kernel, lora_a, lora_b))
+    merged = kernel + step.scale * _einsum(step.update_equation, lora_a, lora_b)
+    stored = merged.astype(step.out_dtype)
+    stats = jnp.array([jnp.all(jnp.isfinite(merged)), 0.0, 0.0, 0.0], jnp.float32)
+    if step.probe_shape is not None:
+        checks = _verify_layer(step, probes, kernel, lora_a, lora_b, stored.astype(jnp.float32))
+        stats = stats.at[1:].set(jnp.stack(checks))
+    return stored, stats
+
+
+def _fuse(kernel, lora_a, lora_b, probes, *, step: _Step, batch_ndim: int):
+    """Fuses one stacked kernel layer by layer, so temporaries stay the size of one layer.
+
+    ``probes`` holds one set of probe inputs per layer. Returns the merged kernel and per-layer stats
+    [finite, max |diff|, max |y_lora|, max diff / bound].
+    """
+    fuse_layer = functools.partial(_fuse_layer, step)
+    if batch_ndim == 0:
+        merged, stats = fuse_layer(kernel, lora_a, lora_b, probes[0])
+        return merged, stats[None]
+    layers = math.prod(kernel.shape[:batch_ndim])
+    stacked = tuple(x.reshape((layers, *x.shape[batch_ndim:])) for x in (kernel, lora_a, lora_b))
+    merged, stats = jax.lax.map(lambda xs: fuse_layer(*xs), (*stacked, probes))
+    return merged.reshape(kernel.shape), stats
+
+
+# Donating the kernel lets the merged kernel reuse its buffer when the dtype is kept: no second copy of the tree.
+_fuse_in_place = jax.jit(_fuse, static_argnames=("step", "batch_ndim"), donate_argnums=0)
+_fuse_to_new = jax.jit(_fuse, static_argnames=("step", "batch_ndim"))
+
+
+def fuse_pair(
+    pair: plan.Pair, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *, verify: bool = True, seed: int = 0
+) -> tuple[jax.Array, Check | None]:
+    """Returns ``kernel + scale * dW(A, B)`` in the pair's output dtype, and the verification result if asked.
+
+    Raises NumericsError on NaN or Inf, or when the merged kernel's outputs differ from the LoRA path's by more than
+    rounding explains.
+    """
+    fuse = _fuse_in_place if np.dtype(kernel.dtype) == pair.out_dtype else _fuse_to_new
+    step = _make_step(pair, verify=verify)
+    # Probes come from the host: random number generation inside the compiled loop would double compile time.
+    layers = math.prod(pair.kernel.shape[: pair.batch_ndim])
+    probes = np.random.default_rng(seed).standard_normal((layers, *(step.probe_shape or ())), np.float32)
+    merged, stats = fuse(kernel, lora_a, lora_b, probes, step=step, batch_ndim=pair.batch_ndim)
+    finite, max_diff, max_output, bound_ratio = np.asarray(stats).T
+    if not finite.all():
         raise errors.NumericsError(f"merging {pair.kernel.name} produced NaN or Inf: the input holds non-finite values")
-    return merged
+    if not verify:
+        return merged, None
+    check = Check(pair, float(max_diff.max() / max(max_output.max(), 1e-30)), float(bound_ratio.max()))
+    if not check.bound_ratio <= 1.0:
+        raise errors.NumericsError(
+            f"verification failed for {pair.kernel.name}: merged outputs differ from the LoRA path by "
+            f"{check.bound_ratio:.3g}x what {pair.out_dtype.name} rounding explains (relative error "
+            f"{check.relative_error:.3g})"
+        )
+    return merged, check
 
 
-def fuse_all(merge_plan: plan.Plan, params: Params) -> Params:
-    """Replaces every paired kernel in ``params`` by its merged kernel and drops the LoRA leaves."""
-    for pair in merge_plan.pairs:
+def worst_by_kind(checks: list[Check]) -> dict[str, dict[str, float]]:
+    """The worst verification result per module kind."""
+    worst: dict[str, dict[str, float]] = {}
+    for check in checks:
+        kind = worst.setdefault(check.pair.kind.name, {"relative_error": 0.0, "bound_ratio": 0.0})
+        kind["relative_error"] = max(kind["relative_error"], check.relative_error)
+        kind["bound_ratio"] = max(kind["bound_ratio"], check.bound_ratio)
+    return worst
+
+
+def fuse_all(merge_plan: plan.Plan, params: Params, *, verify: bool, on_pair=None) -> tuple[Params, list[Check]]:
+    """Replaces every paired kernel in ``params`` by its merged kernel and drops the LoRA leaves.
+
+    ``on_pair(pair)`` is called after each pair, for progress reporting.
+    """
+    checks = []
+    for index, pair in enumerate(merge_plan.pairs):
         kernel = params.pop(pair.kernel.path)
         lora_a, lora_b = params.pop(pair.lora_a.path), params.pop(pair.lora_b.path)
-        params[pair.kernel.path] = fuse_pair(pair, kernel, lora_a, lora_b)
-    return params
+        params[pair.kernel.path], check = fuse_pair(pair, kernel, lora_a, lora_b, verify=verify, seed=index)
+        if check is not None:
+            checks.append(check)
+        if on_pair is not None:
+            on_pair(pair)
+    return params, checks

@@ -39,9 +39,15 @@ class Pair:
     rank: int
     alpha: float | None  # None for FeedForward kernels, whose LoRA is unscaled.
     scale: float
+    lora_axes: tuple[int, int]  # The kernel axes A and B replace by the rank (negative: per layer or stacked alike).
     update_equation: str  # For one layer: A, B -> dW.
     batch_ndim: int  # Leading axes (openpi's scanned depth) that stack independent layers.
     out_dtype: np.dtype
+
+    @property
+    def lora_equations(self) -> tuple[str, str]:
+        """openpi's (eqn_a, eqn_b) of this kernel's LoRA path, for one layer."""
+        return lora.lora_equations(self.kind.equation, self.lora_axes)
 
     @property
     def merged(self) -> Leaf:
@@ -54,6 +60,12 @@ class Plan:
     pairs: tuple[Pair, ...]
     kept: tuple[Leaf, ...]  # Leaves written as they are.
     notes: tuple[str, ...]  # Things worth telling the user that do not stop the merge.
+    problems: tuple[str, ...]  # Misfits that stop the merge, each naming its path.
+
+    def raise_on_problems(self) -> None:
+        if self.problems:
+            more = f" (and {len(self.problems) - 1} more problems: run with --config.mode=inspect)"
+            raise errors.PlanError(self.problems[0] + (more if len(self.problems) > 1 else ""))
 
     @property
     def leaves_in(self) -> tuple[Leaf, ...]:
@@ -132,58 +144,91 @@ def _plan_pair(
         rank=rank,
         alpha=alpha,
         scale=scale,
+        lora_axes=axes,
         update_equation=lora.update_equation(kind.equation, axes),
         batch_ndim=batch_ndim,
         out_dtype=dtype or kernel.dtype,
     )
 
 
-def make_plan(leaves: dict[Path, Leaf], settings: config.Settings) -> Plan:
-    """Pairs kernels with LoRA factors by openpi's module table; raises PlanError naming the path on any misfit."""
-    lora_paths = {path for path in leaves if is_lora_leaf(path)}
-    if not lora_paths:
-        raise errors.PlanError("no LoRA leaves in the checkpoint: nothing to merge (is it a base or merged one?)")
+def _pair_kernel(
+    kind: lora.ModuleKind, suffix: str, kernel: Leaf, leaves: dict[Path, Leaf], settings: config.Settings
+) -> Pair:
+    """Plans one LoRA-carrying kernel; raises PlanError naming the path if it does not fit openpi's layout."""
+    a_path, b_path = (*kernel.path[:-1], kind.lora_a), (*kernel.path[:-1], kind.lora_b)
+    if a_path not in leaves or b_path not in leaves:
+        present, missing = (a_path, b_path) if a_path in leaves else (b_path, a_path)
+        raise errors.PlanError(f"{'/'.join(present)} has no partner: {'/'.join(missing)} is missing")
+    expert = settings.experts.get(suffix)
+    if expert is None:
+        raise errors.PlanError(
+            f"{kernel.name} carries LoRA for an action expert, which model={settings.model} does not have"
+        )
+    if not expert.variant.has_lora:
+        raise errors.PlanError(
+            f"{kernel.name} carries LoRA but {expert.field}.variant={expert.variant.name} has none: "
+            f"use --config.{expert.field}.variant={expert.variant.name}_lora"
+        )
+    return _plan_pair(kind, expert, kernel, leaves[a_path], leaves[b_path], settings.dtype)
 
-    pairs, consumed = [], set()
+
+def make_plan(leaves: dict[Path, Leaf], settings: config.Settings, reference: dict[Path, Leaf] | None = None) -> Plan:
+    """Pairs kernels with LoRA factors by openpi's module table, collecting every misfit as a problem.
+
+    With a ``reference`` (a base checkpoint's leaves), an output tree that differs from it is a problem too.
+    """
+    lora_paths = {path for path in leaves if is_lora_leaf(path)}
+    pairs, problems, consumed, suffixes_with_lora = [], [], set(), set()
+    if not lora_paths:
+        problems.append("no LoRA leaves in the checkpoint: nothing to merge (is it a base or merged one?)")
     for path, kernel in leaves.items():
         match = _match_kind(path)
         if match is None:
             continue
         kind, suffix = match
-        a_path, b_path = (*path[:-1], kind.lora_a), (*path[:-1], kind.lora_b)
-        present = [p for p in (a_path, b_path) if p in leaves]
-        if not present:
+        factors = {(*path[:-1], kind.lora_a), (*path[:-1], kind.lora_b)} & lora_paths
+        if not factors:
             continue
-        if len(present) == 1:
-            missing = b_path if present[0] == a_path else a_path
-            raise errors.PlanError(f"{'/'.join(present[0])} has no partner: {'/'.join(missing)} is missing")
-        expert = settings.experts.get(suffix)
-        if expert is None:
-            raise errors.PlanError(
-                f"{kernel.name} carries LoRA for an action expert, which model={settings.model} does not have"
-            )
-        if not expert.variant.has_lora:
-            raise errors.PlanError(
-                f"{kernel.name} carries LoRA but {expert.field}.variant={expert.variant.name} has none: "
-                f"use --config.{expert.field}.variant={expert.variant.name}_lora"
-            )
-        pairs.append(_plan_pair(kind, expert, kernel, leaves[a_path], leaves[b_path], settings.dtype))
-        consumed.update((a_path, b_path))
+        consumed.update(factors)
+        suffixes_with_lora.add(suffix)
+        try:
+            pairs.append(_pair_kernel(kind, suffix, kernel, leaves, settings))
+        except errors.PlanError as e:
+            problems.append(str(e))
 
     if unpaired := sorted(lora_paths - consumed):
-        raise errors.PlanError(
+        problems.append(
             f"{'/'.join(unpaired[0])} is a LoRA leaf with no kernel to fold into "
             f"(known modules: {', '.join(k.name for k in lora.MODULE_KINDS)}); {len(unpaired)} such leaves"
         )
-    for expert in settings.experts.values():
-        if expert.variant.has_lora and not any(p.expert == expert.field for p in pairs):
-            raise errors.PlanError(
+    for suffix, expert in settings.experts.items():
+        if lora_paths and expert.variant.has_lora and suffix not in suffixes_with_lora:
+            problems.append(
                 f"{expert.field}.variant={expert.variant.name} has LoRA but the checkpoint has none for it: "
                 f"set --config.{expert.field}.variant={expert.variant.name.removesuffix('_lora')}"
             )
 
-    kept = tuple(leaf for path, leaf in leaves.items() if path not in consumed and not is_lora_leaf(path))
-    return Plan(pairs=tuple(pairs), kept=kept, notes=_notes(pairs))
+    merged = {pair.kernel.path for pair in pairs}
+    kept = tuple(leaf for path, leaf in leaves.items() if not is_lora_leaf(path) and path not in merged)
+    if reference is not None and not problems:
+        problems += _reference_mismatches(kept + tuple(p.merged for p in pairs), reference)
+    return Plan(pairs=tuple(pairs), kept=kept, notes=_notes(pairs), problems=tuple(problems))
+
+
+def _reference_mismatches(leaves_out: tuple[Leaf, ...], reference: dict[Path, Leaf]) -> list[str]:
+    """How the output tree would differ from the reference's: missing or extra paths, shapes, dtypes."""
+    out = {leaf.path: leaf for leaf in leaves_out}
+    mismatches = [f"{'/'.join(p)} is in the reference but not in the output" for p in reference if p not in out]
+    mismatches += [f"{'/'.join(p)} is in the output but not in the reference" for p in out if p not in reference]
+    for path in out.keys() & reference.keys():
+        got, want = out[path], reference[path]
+        if got.shape != want.shape:
+            mismatches.append(f"{got.name} would have shape {got.shape}; the reference has {want.shape}")
+        elif got.dtype != want.dtype:
+            mismatches.append(
+                f"{got.name} would be {got.dtype.name}; the reference has {want.dtype.name} (see --config.dtype)"
+            )
+    return sorted(mismatches)
 
 
 def _notes(pairs: list[Pair]) -> tuple[str, ...]:

@@ -1,12 +1,12 @@
-"""The short human summary that ends a merge, and the stopwatch that times its phases."""
+"""Human-readable output: the summary that ends a merge, the plan that inspect prints, and the phase stopwatch."""
 
 import collections
 import contextlib
 import pathlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-from openpi_merge import plan
+from openpi_merge import fuse, plan
 
 
 class Stopwatch:
@@ -28,32 +28,70 @@ class Stopwatch:
         return sum(self.seconds.values())
 
 
-def _gb(nbytes: int) -> str:
+def _bytes(nbytes: int) -> str:
     return f"{nbytes / 1e9:.3f} GB" if nbytes >= 1e7 else f"{nbytes / 1e3:.1f} kB"
 
 
-def render(merge_plan: plan.Plan, output: pathlib.Path, stopwatch: Stopwatch) -> str:
-    """Pairs per module kind with their ranks and scales, leaves and bytes in and out, and the time taken."""
-    rows = collections.Counter(
-        (p.expert, p.kind.name, p.rank, "-" if p.alpha is None else f"{p.alpha:g}", f"{p.scale:g}",
-         f"{p.kernel.dtype.name}->{p.out_dtype.name}")
-        for p in merge_plan.pairs
-    )  # fmt: skip
-    header = ("expert", "module", "rank", "alpha", "scale", "dtype", "pairs")
-    table = [header] + [(*key, str(count)) for key, count in rows.items()]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-    lines = ["  " + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)) for row in table]
+def _table(rows: Sequence[Sequence[object]]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
+
+def _totals(merge_plan: plan.Plan) -> list[str]:
     leaves_in, leaves_out = merge_plan.leaves_in, merge_plan.leaves_out
-    bytes_in, bytes_out = sum(leaf.nbytes for leaf in leaves_in), sum(leaf.nbytes for leaf in leaves_out)
+    return [
+        f"  leaves: {len(leaves_in)} in, {len(leaves_out)} out ({2 * len(merge_plan.pairs)} LoRA leaves dropped)",
+        f"  bytes:  {_bytes(sum(x.nbytes for x in leaves_in))} in, {_bytes(sum(x.nbytes for x in leaves_out))} out",
+    ]
+
+
+def _alpha(pair: plan.Pair) -> str:
+    return "-" if pair.alpha is None else f"{pair.alpha:g}"
+
+
+def render(merge_plan: plan.Plan, checks: list[fuse.Check], output: pathlib.Path, stopwatch: Stopwatch) -> str:
+    """Pairs per module kind with ranks, scales and verification, leaves and bytes in and out, time per phase."""
+    worst = fuse.worst_by_kind(checks)
+    groups = collections.Counter(
+        (p.expert, p.kind.name, p.rank, _alpha(p), f"{p.scale:g}", f"{p.kernel.dtype.name}->{p.out_dtype.name}")
+        for p in merge_plan.pairs
+    )
+    header = ("expert", "module", "rank", "alpha", "scale", "dtype", "pairs", "worst rel. error")
+    rows = [
+        (*key, count, f"{worst[key[1]]['relative_error']:.2e}" if key[1] in worst else "not verified")
+        for key, count in groups.items()
+    ]
     phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in stopwatch.seconds.items())
     return "\n".join(
         [
             f"openpi-merge: folded {len(merge_plan.pairs)} LoRA pairs into {output}",
-            *lines,
-            f"  leaves: {len(leaves_in)} in, {len(leaves_out)} out ({2 * len(merge_plan.pairs)} LoRA leaves dropped)",
-            f"  bytes:  {_gb(bytes_in)} in, {_gb(bytes_out)} out",
+            *_table([header, *rows]),
+            *_totals(merge_plan),
             f"  time:   {stopwatch.total:.2f} s ({phases})",
             *(f"  note: {note}" for note in merge_plan.notes),
+        ]
+    )
+
+
+def render_plan(merge_plan: plan.Plan, params_dir: pathlib.Path) -> str:
+    """Every pair with its shapes, rank, scale and dtypes; the untouched leaves; and every problem found."""
+    pairs = [
+        (p.kernel.name, p.kind.name, p.kernel.shape, p.lora_a.shape, p.lora_b.shape, p.rank, _alpha(p),
+         f"{p.scale:g}", f"{p.kernel.dtype.name}->{p.out_dtype.name}")
+        for p in merge_plan.pairs
+    ]  # fmt: skip
+    header = ("kernel", "module", "kernel shape", "A shape", "B shape", "rank", "alpha", "scale", "dtype")
+    kept = [(leaf.name, leaf.shape, leaf.dtype.name) for leaf in merge_plan.kept]
+    return "\n".join(
+        [
+            f"openpi-merge: plan for {params_dir} (metadata only, nothing written)",
+            f"  {len(pairs)} LoRA pairs to fold:",
+            *(_table([header, *pairs]) if pairs else []),
+            f"  {len(kept)} leaves kept as they are:",
+            *(_table([("leaf", "shape", "dtype"), *kept]) if kept else []),
+            *_totals(merge_plan),
+            *(f"  note: {note}" for note in merge_plan.notes),
+            *(f"  problem: {problem}" for problem in merge_plan.problems),
+            f"  {len(merge_plan.problems)} problems" if merge_plan.problems else "  no problems: ready to merge",
         ]
     )

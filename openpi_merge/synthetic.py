@@ -19,10 +19,15 @@ Values are random and non-zero (no leaf is left at openpi's zero init), drawn pe
   rank 16) is many bfloat16 ulps of every kernel, so merging visibly changes every paired kernel.
 """
 
+import asyncio
+import ctypes
 import dataclasses
 import json
 import pathlib
+import weakref
 import zlib
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -42,7 +47,16 @@ FLOAT32 = np.dtype(np.float32)
 _LORA_STD = 0.05
 _SMALL_STD = 0.02
 _CHUNK = 1 << 22  # Elements generated at a time: 16 MiB of float32 scratch.
+_LARGE_ARRAY_BYTES = 16 << 20  # Arrays this large are written to disk one at a time.
+_CHUNKED_ARRAY_BYTES = 2 << 30  # Arrays larger than this are stored in chunks of _STORAGE_CHUNK_BYTES.
+_STORAGE_CHUNK_BYTES = 256 << 20
 _LORA_SUFFIXES = ("lora_a", "lora_b")
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+except (OSError, AttributeError):
+    _LIBC = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,19 +272,25 @@ def param_specs(
     }
 
 
+def _fill_chunk(flat: np.ndarray, leaf: _Leaf, seed: int, index: int) -> None:
+    # Each chunk has its own generator, so values do not depend on how chunks are spread over threads.
+    rng = np.random.default_rng([seed, zlib.crc32(leaf.path.encode()), index])
+    start = index * _CHUNK
+    target = flat[start : start + _CHUNK]
+    chunk = target if target.dtype == FLOAT32 else np.empty(target.shape, FLOAT32)
+    rng.standard_normal(dtype=np.float32, out=chunk)
+    chunk *= np.float32(leaf.std)
+    if chunk is not target:
+        target[...] = chunk  # float32 -> bfloat16, rounding to nearest even.
+
+
 def _random(leaf: _Leaf, seed: int) -> np.ndarray:
-    # Drawn in float32 chunks, scaled in place and cast into the output: no full-size float64 or float32 temporary.
-    rng = np.random.default_rng([seed, zlib.crc32(leaf.path.encode())])
+    # Drawn in float32 chunks of at most _CHUNK elements, scaled in place and cast into the output: no full-size
+    # float64 or float32 temporary. (numpy holds the GIL while drawing normals, so threads would not help.)
     out = np.empty(leaf.shape, leaf.dtype)
     flat = out.reshape(-1)
-    scratch = None if leaf.dtype == FLOAT32 else np.empty(min(flat.size, _CHUNK), FLOAT32)
-    for start in range(0, flat.size, _CHUNK):
-        stop = min(start + _CHUNK, flat.size)
-        chunk = flat[start:stop] if scratch is None else scratch[: stop - start]
-        rng.standard_normal(dtype=np.float32, out=chunk)
-        chunk *= np.float32(leaf.std)
-        if scratch is not None:
-            flat[start:stop] = chunk
+    for index in range(-(-flat.size // _CHUNK)):
+        _fill_chunk(flat, leaf, seed, index)
     return out
 
 
@@ -318,6 +338,46 @@ def _train_state(step: int) -> dict:
     }
 
 
+def _release_free_memory() -> None:
+    # Tensorstore compresses on several threads, so glibc keeps the freed buffers of one array in per-thread arenas
+    # where the next array's buffers often cannot reuse them; hand them back to the OS. A no-op off glibc.
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+class _SharedArray(np.ndarray):
+    """An ndarray whose deepcopy is itself: Orbax's NumpyHandler deep-copies every array before an async save."""
+
+    def __deepcopy__(self, memo: dict) -> "_SharedArray":
+        return self
+
+
+class _LowMemoryNumpyHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax's NumpyHandler, writing without a second copy of the tree and one large array at a time.
+
+    Stock Orbax deep-copies every numpy array, then compresses all of them at once, holding each compressed
+    array until written: about 2.5x the tree in peak memory. Here arrays are not copied (nothing mutates them),
+    and arrays of ``_LARGE_ARRAY_BYTES`` or more are written one after another, so peak memory is the tree plus
+    one compressed large array. What lands on disk is unchanged: same typestr, specs and compression.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    async def serialize(self, values: Sequence[np.ndarray], infos: Sequence[Any], args: Any = None) -> Any:
+        return await super().serialize([np.asarray(v).view(_SharedArray) for v in values], infos, args)
+
+    async def _open_and_write(self, value: np.ndarray, tspec: dict[str, Any], ts_context: Any) -> Any:
+        if value.nbytes < _LARGE_ARRAY_BYTES:
+            return await super()._open_and_write(value, tspec, ts_context)
+        lock = self._locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        async with lock:
+            result = await super()._open_and_write(value, tspec, ts_context)
+            _release_free_memory()
+            return result
+
+
 def write_checkpoint(
     directory: str | pathlib.Path,
     model: str = "pi0",
@@ -331,22 +391,37 @@ def write_checkpoint(
 ) -> pathlib.Path:
     """Writes ``<directory>/<step>/`` as openpi training does and returns that step dir.
 
-    The step dir holds ``params/`` (Orbax PyTree checkpoint, single top-level key ``params``, every leaf path ending in
-    ``value`` when ``value_suffix`` as an ``nnx.State`` saves it), ``train_state/``, ``assets/<asset_id>/norm_stats.json``
-    and Orbax's ``_CHECKPOINT_METADATA``. Arrays are written from numpy, so peak memory stays near the tree's size.
+    The step dir holds ``params/`` (Orbax PyTree checkpoint, single top-level key ``params``, every leaf path ending
+    in ``value`` when ``value_suffix``, as an ``nnx.State`` saves it), ``train_state/``,
+    ``assets/<asset_id>/norm_stats.json`` and Orbax's ``_CHECKPOINT_METADATA``.
+
+    Params are written from numpy arrays (Orbax records ``value_type`` ``np.ndarray`` where openpi's own saves record
+    ``jax.Array``; both restore alike) without the copies Orbax makes by default, so peak memory stays near 1.25x the
+    tree's size at full scale. Unlike openpi (``max_to_keep=1``), other steps already in ``directory`` are kept.
     """
     directory = pathlib.Path(directory).expanduser().resolve()
     directory.mkdir(parents=True, exist_ok=True)
     params = make_params(model, scale, seed=seed, fused_qkv=fused_qkv)
     if value_suffix:
         params = _with_value_suffix(params)
+    # Arrays over 2 GiB (only the paligemma gating_einsum at full scale) are stored in 256 MiB chunks, as an
+    # FSDP-sharded openpi save would chunk them: saved as one chunk, Orbax needs about 1.7x such an array on top of
+    # the tree. Every other array is one chunk, as openpi's single-device saves store them.
+    save_args = jax.tree.map(
+        lambda x: ocp.SaveArgs(chunk_byte_size=_STORAGE_CHUNK_BYTES if x.nbytes > _CHUNKED_ARRAY_BYTES else None),
+        {PARAMS_ITEM: params},
+    )
     manager = ocp.CheckpointManager(
         directory,
         item_handlers={
             TRAIN_STATE_ITEM: ocp.PyTreeCheckpointHandler(),
-            PARAMS_ITEM: ocp.PyTreeCheckpointHandler(),
+            PARAMS_ITEM: ocp.PyTreeCheckpointHandler(
+                type_handler_registry=ocp.type_handlers.create_type_handler_registry(
+                    (np.ndarray, _LowMemoryNumpyHandler())
+                )
+            ),
         },
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=False),
+        options=ocp.CheckpointManagerOptions(max_to_keep=None, create=False),
     )
     try:
         manager.save(
@@ -354,7 +429,7 @@ def write_checkpoint(
             args=ocp.args.Composite(
                 **{
                     TRAIN_STATE_ITEM: ocp.args.PyTreeSave(_train_state(step)),
-                    PARAMS_ITEM: ocp.args.PyTreeSave({PARAMS_ITEM: params}),
+                    PARAMS_ITEM: ocp.args.PyTreeSave({PARAMS_ITEM: params}, save_args=save_args),
                 }
             ),
         )

@@ -36,7 +36,9 @@ def restore_flat(params_dir: pathlib.Path) -> dict[tuple[str, ...], np.ndarray]:
         metadata = getattr(metadata, "item_metadata", metadata)  # orbax-checkpoint 0.11 returns the tree itself.
         item = {"params": metadata["params"]}
         restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), item)
-        params = checkpointer.restore(params_dir, ocp.args.PyTreeRestore(item=item, restore_args=restore_args))["params"]
+        params = checkpointer.restore(params_dir, ocp.args.PyTreeRestore(item=item, restore_args=restore_args))[
+            "params"
+        ]
     flat = traverse_util.flatten_dict(params)
     if all(path[-1] == "value" for path in flat):
         flat = {path[:-1]: v for path, v in flat.items()}

@@ -82,7 +82,9 @@ def test_lora_leaves_on_a_module_openpi_has_no_lora_for(tmp_path):
         flat[("action_in_proj", "lora_b")] = np.ones((2, 32), np.float32)
 
     step = _edited_checkpoint(tmp_path, add_stray)
-    _assert_fails(_merge(step, tmp_path / "out"), errors.PlanError, "action_in_proj/lora_a is a LoRA leaf with no kernel")
+    _assert_fails(
+        _merge(step, tmp_path / "out"), errors.PlanError, "action_in_proj/lora_a is a LoRA leaf with no kernel"
+    )
 
 
 def test_misshapen_lora_factor(tmp_path):
@@ -99,7 +101,9 @@ def test_rank_differs_from_the_named_variant(tiny_checkpoint, tmp_path):
     # The action expert was trained with rank 32; gemma_2b_lora's stock rank is 16.
     result = _merge(step, tmp_path / "out", "--config.action_expert.variant=gemma_2b_lora")
     _assert_fails(result, errors.PlanError, "has LoRA rank 32 but action_expert.variant=gemma_2b_lora has rank 16")
-    explicit = _merge(step, tmp_path / "out", "--config.action_expert.variant=gemma_2b_lora", "--config.action_expert.alpha=32")
+    explicit = _merge(
+        step, tmp_path / "out", "--config.action_expert.variant=gemma_2b_lora", "--config.action_expert.alpha=32"
+    )
     assert explicit.returncode == 0, explicit.stderr
 
 
@@ -162,10 +166,13 @@ def test_missing_config_fields_and_files(tmp_path):
 
 
 def test_failed_save_leaves_nothing_that_looks_like_a_checkpoint(tmp_path):
-    target = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt), checkpoint.staged_output(target) as staging:
-        (staging / "params").mkdir()
-        raise KeyboardInterrupt
+    def interrupted_save():
+        with checkpoint.staged_output(tmp_path / "out") as staging:
+            (staging / "params").mkdir()
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interrupted_save()
     assert list(tmp_path.iterdir()) == []
 
 

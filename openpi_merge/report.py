@@ -1,0 +1,89 @@
+"""What a run did, collected as it goes, and written as JSON for batch jobs (``--config.report=PATH.json``)."""
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+
+import jax
+
+from openpi_merge import fuse, plan, summary
+
+_PACKAGES = ("openpi-merge", "jax", "jaxlib", "flax", "orbax-checkpoint", "tensorstore", "numpy", "ml_dtypes")
+
+
+@dataclasses.dataclass
+class Outcome:
+    """Filled in by the run as it progresses, so a failed run reports how far it got."""
+
+    stopwatch: summary.Stopwatch = dataclasses.field(default_factory=summary.Stopwatch)
+    merge_plan: plan.Plan | None = None
+    checks: list[fuse.Check] = dataclasses.field(default_factory=list)
+    output: pathlib.Path | None = None
+
+
+def _leaf(leaf: plan.Leaf) -> dict:
+    return {"path": leaf.name, "shape": list(leaf.shape), "dtype": leaf.dtype.name}
+
+
+def _pair(pair: plan.Pair) -> dict:
+    return {
+        "kernel": pair.kernel.name,
+        "module": pair.kind.name,
+        "expert": pair.expert,
+        "shapes": {
+            "kernel": list(pair.kernel.shape),
+            "lora_a": list(pair.lora_a.shape),
+            "lora_b": list(pair.lora_b.shape),
+        },
+        "rank": pair.rank,
+        "alpha": pair.alpha,
+        "scale": pair.scale,
+        "dtype": {"in": pair.kernel.dtype.name, "out": pair.out_dtype.name},
+    }
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in _PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: str | None) -> None:
+    """Writes the report atomically (a reader never sees half a file)."""
+    merge_plan = outcome.merge_plan
+    document = {
+        "status": "ok" if exit_code == 0 else "error",
+        "exit_code": exit_code,
+        "error": error,
+        "config": config,
+        "output": str(outcome.output) if outcome.output else None,
+        "plan": None
+        if merge_plan is None
+        else {
+            "pairs": [_pair(p) for p in merge_plan.pairs],
+            "kept": [_leaf(leaf) for leaf in merge_plan.kept],
+            "problems": list(merge_plan.problems),
+            "notes": list(merge_plan.notes),
+            "leaves": {"in": len(merge_plan.leaves_in), "out": len(merge_plan.leaves_out)},
+            "bytes": {
+                "in": sum(leaf.nbytes for leaf in merge_plan.leaves_in),
+                "out": sum(leaf.nbytes for leaf in merge_plan.leaves_out),
+            },
+        },
+        "verification": fuse.worst_by_kind(outcome.checks),
+        "seconds": outcome.stopwatch.seconds,
+        "backend": jax.default_backend(),
+        "versions": _versions(),
+    }
+    target = pathlib.Path(path).expanduser().resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.tmp")
+    partial.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(partial, target)
