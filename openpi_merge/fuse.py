@@ -6,7 +6,6 @@ and measures the difference against what rounding explains (see ``_verify_layer`
 """
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -103,25 +102,21 @@ def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes):
     return stored, stats
 
 
-def _fuse(kernel, lora_a, lora_b, probes, *, step: _Step, batch_ndim: int):
-    """Fuses one stacked kernel layer by layer, so temporaries stay the size of one layer.
+def _write_layer(target, source, lora_a, lora_b, probes, index, *, step: _Step):
+    """Fuses the layer at ``index`` (a tuple over the stacked leading axes) of ``source`` into ``target``.
 
-    ``probes`` holds one set of probe inputs per layer. Returns the merged kernel and per-layer stats
-    [finite, max |diff|, max |y_lora|, max diff / bound].
+    ``target`` is donated and updated in place, so a stacked kernel is merged one layer at a time with temporaries
+    the size of one layer: the whole-array form lets XLA hoist float32 copies of the full stack out of its loop.
+    ``source`` is None when the merged kernel keeps the kernel's dtype and overwrites it.
     """
-    fuse_layer = functools.partial(_fuse_layer, step)
-    if batch_ndim == 0:
-        merged, stats = fuse_layer(kernel, lora_a, lora_b, probes[0])
-        return merged, stats[None]
-    layers = math.prod(kernel.shape[:batch_ndim])
-    stacked = tuple(x.reshape((layers, *x.shape[batch_ndim:])) for x in (kernel, lora_a, lora_b))
-    merged, stats = jax.lax.map(lambda xs: fuse_layer(*xs), (*stacked, probes))
-    return merged.reshape(kernel.shape), stats
+    source = target if source is None else source
+    layer = tuple(x[index] for x in (source, lora_a, lora_b))
+    merged, stats = _fuse_layer(step, *layer, probes[index])
+    start = (*index, *(0 for _ in merged.shape))
+    return jax.lax.dynamic_update_slice(target, merged.reshape((1,) * len(index) + merged.shape), start), stats
 
 
-# Donating the kernel lets the merged kernel reuse its buffer when the dtype is kept: no second copy of the tree.
-_fuse_in_place = jax.jit(_fuse, static_argnames=("step", "batch_ndim"), donate_argnums=0)
-_fuse_to_new = jax.jit(_fuse, static_argnames=("step", "batch_ndim"))
+_write_layer_jit = jax.jit(_write_layer, static_argnames="step", donate_argnums=0)
 
 
 def fuse_pair(
@@ -129,20 +124,27 @@ def fuse_pair(
 ) -> tuple[jax.Array, Check | None]:
     """Returns ``kernel + scale * dW(A, B)`` in the pair's output dtype, and the verification result if asked.
 
-    Raises NumericsError on NaN or Inf, or when the merged kernel's outputs differ from the LoRA path's by more than
-    rounding explains.
+    ``kernel`` is consumed: its buffer becomes the merged kernel when the dtype is kept. Raises NumericsError on NaN
+    or Inf, or when the merged kernel's outputs differ from the LoRA path's by more than rounding explains.
     """
-    fuse = _fuse_in_place if np.dtype(kernel.dtype) == pair.out_dtype else _fuse_to_new
     step = _make_step(pair, verify=verify)
-    # Probes come from the host: random number generation inside the compiled loop would double compile time.
-    layers = math.prod(pair.kernel.shape[: pair.batch_ndim])
-    probes = np.random.default_rng(seed).standard_normal((layers, *(step.probe_shape or ())), np.float32)
-    merged, stats = fuse(kernel, lora_a, lora_b, probes, step=step, batch_ndim=pair.batch_ndim)
-    finite, max_diff, max_output, bound_ratio = np.asarray(stats).T
+    batch_shape = pair.kernel.shape[: pair.batch_ndim]
+    # Probes come from the host: random number generation inside the compiled step would double compile time.
+    probes = np.random.default_rng(seed).standard_normal((*batch_shape, *(step.probe_shape or ())), np.float32)
+    kernel, lora_a, lora_b, probes = (jnp.asarray(x) for x in (kernel, lora_a, lora_b, probes))
+    if np.dtype(kernel.dtype) == pair.out_dtype:
+        target, source = kernel, None
+    else:
+        target, source = jnp.zeros(kernel.shape, pair.out_dtype), kernel
+    stats = []
+    for index in np.ndindex(batch_shape):
+        target, layer_stats = _write_layer_jit(target, source, lora_a, lora_b, probes, index, step=step)
+        stats.append(layer_stats)
+    finite, max_diff, max_output, bound_ratio = np.asarray(jnp.stack(stats)).T
     if not finite.all():
         raise errors.NumericsError(f"merging {pair.kernel.name} produced NaN or Inf: the input holds non-finite values")
     if not verify:
-        return merged, None
+        return target, None
     check = Check(pair, float(max_diff.max() / max(max_output.max(), 1e-30)), float(bound_ratio.max()))
     if not check.bound_ratio <= 1.0:
         raise errors.NumericsError(
@@ -150,7 +152,7 @@ def fuse_pair(
             f"{check.bound_ratio:.3g}x what {pair.out_dtype.name} rounding explains (relative error "
             f"{check.relative_error:.3g})"
         )
-    return merged, check
+    return target, check
 
 
 def worst_by_kind(checks: list[Check]) -> dict[str, dict[str, float]]:

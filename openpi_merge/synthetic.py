@@ -9,8 +9,9 @@ leaf) are bfloat16, everything else (LoRA leaves, SigLIP, projections) float32.
 ``scale="full"`` gives openpi's real dimensions (about 3.3 B parameters); ``scale="tiny"`` the same tree with small
 dimensions, for unit tests.
 
-Values are random and non-zero (no leaf is left at openpi's zero init), drawn per leaf from a generator seeded by
-``(seed, crc32(path))`` so that the same leaf gets the same values whatever else the tree holds:
+Values are random and non-zero (no leaf is left at openpi's zero init), drawn from generators seeded by
+``(seed, crc32(path), chunk)`` so that a leaf gets the same values whatever else the tree holds; every layer along
+the scan axis differs:
 
 * kernels and embeddings: normal with std ``1 / sqrt(fan_in)`` (a LeCun-normal-like init);
 * norm scales, biases, ``pos_embedding``: normal with std 0.02;
@@ -273,7 +274,7 @@ def param_specs(
 
 
 def _fill_chunk(flat: np.ndarray, leaf: _Leaf, seed: int, index: int) -> None:
-    # Each chunk has its own generator, so values do not depend on how chunks are spread over threads.
+    # Each chunk has its own generator: a leaf's values depend only on the seed and its path.
     rng = np.random.default_rng([seed, zlib.crc32(leaf.path.encode()), index])
     start = index * _CHUNK
     target = flat[start : start + _CHUNK]
@@ -388,6 +389,7 @@ def write_checkpoint(
     seed: int = 0,
     fused_qkv: bool = False,
     asset_id: str = "example_robot",
+    jax_arrays: bool = False,
 ) -> pathlib.Path:
     """Writes ``<directory>/<step>/`` as openpi training does and returns that step dir.
 
@@ -395,9 +397,11 @@ def write_checkpoint(
     in ``value`` when ``value_suffix``, as an ``nnx.State`` saves it), ``train_state/``,
     ``assets/<asset_id>/norm_stats.json`` and Orbax's ``_CHECKPOINT_METADATA``.
 
-    Params are written from numpy arrays (Orbax records ``value_type`` ``np.ndarray`` where openpi's own saves record
-    ``jax.Array``; both restore alike) without the copies Orbax makes by default, so peak memory stays near 1.25x the
-    tree's size at full scale. Unlike openpi (``max_to_keep=1``), other steps already in ``directory`` are kept.
+    By default params are written from numpy arrays without the copies Orbax makes by default, so peak memory stays
+    near 1.25x the tree's size at full scale; Orbax then records ``value_type: np.ndarray`` for each. openpi saves
+    ``jax.Array`` values (``value_type: jax.Array`` and a ``_sharding`` file), which ``jax_arrays=True`` reproduces
+    through Orbax's stock path, at about 2.8x the tree's size in peak memory. Unlike openpi (``max_to_keep=1``),
+    other steps already in ``directory`` are kept.
     """
     directory = pathlib.Path(directory).expanduser().resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -411,16 +415,15 @@ def write_checkpoint(
         lambda x: ocp.SaveArgs(chunk_byte_size=_STORAGE_CHUNK_BYTES if x.nbytes > _CHUNKED_ARRAY_BYTES else None),
         {PARAMS_ITEM: params},
     )
+    if jax_arrays:
+        params = jax.device_put(params)  # On CPU this usually shares the numpy buffers.
+        params_handler = ocp.PyTreeCheckpointHandler()
+    else:
+        registry = ocp.type_handlers.create_type_handler_registry((np.ndarray, _LowMemoryNumpyHandler()))
+        params_handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
     manager = ocp.CheckpointManager(
         directory,
-        item_handlers={
-            TRAIN_STATE_ITEM: ocp.PyTreeCheckpointHandler(),
-            PARAMS_ITEM: ocp.PyTreeCheckpointHandler(
-                type_handler_registry=ocp.type_handlers.create_type_handler_registry(
-                    (np.ndarray, _LowMemoryNumpyHandler())
-                )
-            ),
-        },
+        item_handlers={TRAIN_STATE_ITEM: ocp.PyTreeCheckpointHandler(), PARAMS_ITEM: params_handler},
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=False),
     )
     try:

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--asset_id", default="example_robot")
     parser.add_argument("--fused_qkv", action="store_true", help="num_kv_heads == num_heads: one qkv_einsum")
     parser.add_argument(
+        "--jax_arrays", action="store_true", help="save jax.Array values as openpi does (more memory than numpy)"
+    )
+    parser.add_argument(
         "--no_value_suffix", dest="value_suffix", action="store_false", help="plain dicts, as released checkpoints"
     )
     args = parser.parse_args(argv)
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         fused_qkv=args.fused_qkv,
         asset_id=args.asset_id,
+        jax_arrays=args.jax_arrays,
     )
     print(step_dir)
     print(f"{_size(step_dir) / 2**30:.2f} GiB on disk, written in {time.monotonic() - start:.1f} s")

@@ -1,0 +1,216 @@
+"""Benchmarks openpi-merge against the machine's and Orbax's limits, on one checkpoint, in one run.
+
+  python scripts/bench.py                      # full-scale pi0 (about 3.3 B parameters): minutes, ~20 GB of disk
+  python scripts/bench.py --scale=tiny         # smoke run
+
+Each approach runs as its own process, timed by wall clock, with its peak RSS from wait4():
+  1. cp -r of the checkpoint (the disk's limit),
+  2. Orbax restore-all + save-all of the same params (Orbax's own floor),
+  3. openpi-merge end to end (the CLI, default settings: verification on),
+  4. the approach users write by hand: restore everything to numpy, merge in numpy, save.
+Bytes read and written are the on-disk sizes of what each approach reads and writes. The page cache is warm for all
+of them (the checkpoint was just written or read), so the comparison is of CPU and memory work, not of the disk.
+Writes a markdown table and a JSON file to --out.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _orbax_roundtrip(params_dir: str, out_dir: str) -> None:
+    """Approach 2: restore every array with Orbax onto the default device and save them all again."""
+    from openpi_merge import checkpoint
+
+    contents = checkpoint.read_contents(pathlib.Path(params_dir))
+    params = checkpoint.restore(pathlib.Path(params_dir), contents)
+    checkpoint.save(pathlib.Path(out_dir) / "params", params, value_suffix=contents.value_suffix)
+
+
+def _numpy_merge(params_dir: str, out_dir: str, config_name: str) -> None:
+    """Approach 4: the hand-written script: restore to numpy, merge each kernel in float32 numpy, save."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
+
+    from openpi_merge import checkpoint as ckpt
+    from openpi_merge import config, plan
+
+    settings_config = config.make_config(config_name)
+    settings_config.input, settings_config.output = params_dir, out_dir
+    settings = config.read_settings(settings_config)
+    contents = ckpt.read_contents(pathlib.Path(params_dir))
+    merge_plan = plan.make_plan(contents.leaves, settings)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(params_dir)
+        item = {"params": getattr(metadata, "item_metadata", metadata)["params"]}
+        args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(restore_type=np.ndarray), item)
+        params = checkpointer.restore(params_dir, ocp.args.PyTreeRestore(item=item, restore_args=args))
+    suffix = ("value",) if contents.value_suffix else ()
+    flat = traverse_util.flatten_dict(params["params"])
+    for pair in merge_plan.pairs:
+        w, a, b = (flat[leaf.path + suffix].astype(np.float32) for leaf in (pair.kernel, pair.lora_a, pair.lora_b))
+        a_labels, b_labels, w_labels = pair.update_equation.replace("->", ",").split(",")
+        delta = np.einsum(f"...{a_labels},...{b_labels}->...{w_labels}", a, b, optimize=True)
+        flat[pair.kernel.path + suffix] = (w + pair.scale * delta).astype(pair.out_dtype)
+        del flat[pair.lora_a.path + suffix], flat[pair.lora_b.path + suffix]
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save(pathlib.Path(out_dir) / "params", {"params": traverse_util.unflatten_dict(flat)})
+
+
+def _du(path: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _run(name: str, command: list[str], reads: str | pathlib.Path, writes: pathlib.Path) -> dict:
+    """Runs one approach as a child process; wall seconds and its own peak RSS (wait4), bytes on disk."""
+    start = time.perf_counter()
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout = child.stdout.read()
+    stderr = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"{name} failed ({status}):\n{stdout.decode()[-2000:]}\n{stderr.decode()[-4000:]}")
+    read, written = _du(pathlib.Path(reads)), _du(writes)
+    return {
+        "approach": name,
+        "wall_s": wall,
+        "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,
+        "read_gb": read / 1e9,
+        "written_gb": written / 1e9,
+        "gb_per_s": (read + written) / 1e9 / wall,
+        "stdout_tail": stdout.decode()[-3000:],
+    }
+
+
+def _prepare(model: str, scale: str, checkpoint_dir: str, work: str) -> None:
+    """Child process: writes the synthetic checkpoint unless one is given; prints its facts and the machine's as JSON.
+
+    Done in a child so that the parent stays small: a child's peak RSS counts its parent's at fork.
+    """
+    import jax
+
+    from openpi_merge import checkpoint, synthetic
+
+    started = time.perf_counter()
+    step = (
+        pathlib.Path(checkpoint_dir) if checkpoint_dir else synthetic.write_checkpoint(work, model=model, scale=scale)
+    )
+    write_s = None if checkpoint_dir else time.perf_counter() - started
+    params_dir = checkpoint.locate_input(str(step)).params_dir
+    leaves = checkpoint.read_contents(params_dir).leaves.values()
+    cpuinfo, meminfo = pathlib.Path("/proc/cpuinfo").read_text(), pathlib.Path("/proc/meminfo").read_text()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
+    memory = next(int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemTotal"))
+    machine = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(memory / 1e9, 1),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+    facts = {"step": str(step), "params_dir": str(params_dir), "write_s": write_s, "machine": machine}
+    print(json.dumps({**facts, "in_memory_gb": sum(leaf.nbytes for leaf in leaves) / 1e9}))
+
+
+def _table(rows: list[dict], in_memory_gb: float) -> str:
+    lines = [
+        "| approach | wall s | peak RSS GB | RSS / tree | read GB | written GB | GB/s | x cp | x Orbax |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    cp, orbax = rows[0]["wall_s"], rows[1]["wall_s"]
+    for row in rows:
+        lines.append(
+            f"| {row['approach']} | {row['wall_s']:.1f} | {row['peak_rss_gb']:.2f} | "
+            f"{row['peak_rss_gb'] / in_memory_gb:.2f} | {row['read_gb']:.2f} | {row['written_gb']:.2f} | "
+            f"{row['gb_per_s']:.2f} | {row['wall_s'] / cp:.2f} | {row['wall_s'] / orbax:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="pi0", choices=("pi0", "pi05", "pi0_fast"))
+    parser.add_argument("--scale", default="full", choices=("tiny", "full"))
+    parser.add_argument("--checkpoint", help="an existing LoRA step dir to use instead of writing a synthetic one")
+    parser.add_argument("--workdir", help="where to write checkpoints and outputs (default: a temporary dir)")
+    parser.add_argument("--out", default="bench_out", help="where the markdown table and JSON go")
+    parser.add_argument("--merge_flag", action="append", default=[], help="extra openpi-merge run: 'name=--config.x=1'")
+    args = parser.parse_args()
+
+    work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="openpi-merge-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    python = sys.executable
+    prepare = [python, __file__, "_prepare", args.model, args.scale, args.checkpoint or "", str(work / "input")]
+    facts = json.loads(subprocess.run(prepare, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    step, params_dir, in_memory_gb, machine = (facts[k] for k in ("step", "params_dir", "in_memory_gb", "machine"))
+    print(f"checkpoint {step}: {in_memory_gb:.2f} GB in memory (written in {facts['write_s'] or 0:.1f} s)", flush=True)
+    config = f"configs/{args.model}_lora.py"
+
+    def out(name: str) -> pathlib.Path:
+        path = work / name
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    runs = [
+        ("cp -r", ["cp", "-r", str(step), str(out("cp"))], step, work / "cp"),
+        ("orbax restore+save", [python, __file__, "_orbax", params_dir, str(out("orbax"))], params_dir, work / "orbax"),
+        ("openpi-merge", [python, "-m", "openpi_merge", f"--config={config}", f"--config.input={step}",
+                          f"--config.output={out('merged')}"], params_dir, work / "merged"),
+        ("numpy by hand", [python, __file__, "_numpy", params_dir, str(out("numpy")), args.model],
+         params_dir, work / "numpy"),
+    ]  # fmt: skip
+    for index, extra in enumerate(args.merge_flag):
+        name, flags = extra.split("=", 1)
+        target = f"merged_{index}"
+        command = [python, "-m", "openpi_merge", f"--config={config}", f"--config.input={step}"]
+        runs.append((name, [*command, f"--config.output={out(target)}", *flags.split()], params_dir, work / target))
+
+    rows = []
+    for name, command, reads, writes in runs:
+        rows.append(_run(name, command, reads, writes))
+        print(f"{name}: {rows[-1]['wall_s']:.1f} s, peak RSS {rows[-1]['peak_rss_gb']:.2f} GB", flush=True)
+        shutil.rmtree(writes, ignore_errors=True)
+
+    table = _table(rows, in_memory_gb)
+    header = (
+        f"{args.model} ({args.scale}), {in_memory_gb:.2f} GB in memory; {machine['cpu']}, {machine['cores']} cores, "
+        f"{machine['memory_gb']} GB RAM, JAX backend {machine['backend']}, {machine['date']}"
+    )
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.md").write_text(f"{header}\n\n{table}\n")
+    (out_dir / "bench.json").write_text(
+        json.dumps({"model": args.model, "scale": args.scale, "in_memory_gb": in_memory_gb, "machine": machine,
+                    "checkpoint_write_s": facts["write_s"], "runs": rows}, indent=2)
+    )  # fmt: skip
+    print(f"\n{header}\n\n{table}")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_prepare":
+        _prepare(*sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_orbax":
+        _orbax_roundtrip(*sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_numpy":
+        _numpy_merge(*sys.argv[2:])
+    else:
+        main()
