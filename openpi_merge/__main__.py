@@ -7,6 +7,7 @@ Reads the Orbax checkpoint, pairs every kernel with its LoRA factors, fuses ``W 
 """
 
 import contextlib
+import functools
 import signal
 import sys
 import tempfile
@@ -15,7 +16,20 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from openpi_merge import checkpoint, config, errors, fuse, plan, progress, report, summary, synthetic
+from openpi_merge import (
+    checkpoint,
+    config,
+    distributed,
+    errors,
+    fuse,
+    plan,
+    progress,
+    report,
+    sharding,
+    stream,
+    summary,
+    synthetic,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Merge config file, e.g. configs/pi0_lora.py.")
 # `--config.input=example:<model>` merges a tiny synthetic checkpoint of that model, written to a temporary dir.
@@ -42,27 +56,63 @@ def inspect(settings: config.Settings, outcome: report.Outcome) -> None:
 
 
 def merge(settings: config.Settings, outcome: report.Outcome) -> str:
-    """Runs one merge and returns its summary: plan -> restore -> fuse (+ verify) -> save (+ reload check)."""
+    """Runs one merge and returns its summary: plan -> restore -> fuse (+ verify) -> save (+ reload check).
+
+    With a memory budget, restore and fuse run group by group inside the save, as Orbax writes (see ``stream``).
+    """
     stopwatch = outcome.stopwatch
     with stopwatch.phase("plan"):
         source, contents = _plan(settings, outcome)
         outcome.output = checkpoint.check_output(settings.output, source, overwrite=settings.overwrite)
         outcome.merge_plan.raise_on_problems()
-    with stopwatch.phase("restore"):
-        params = checkpoint.restore(source.params_dir, contents)
-    with stopwatch.phase("fuse"):
-        fused = progress.Progress("fuse", len(outcome.merge_plan.pairs))
-        merged, outcome.checks = fuse.fuse_all(
-            outcome.merge_plan, params, verify=settings.verify, on_pair=lambda pair: fused.advance(pair.kernel.name)
-        )
+        layout = sharding.make_layout(settings.mesh)
+        outcome.devices = layout.describe()
+    merge_plan, details = outcome.merge_plan, [f"devices: {outcome.devices}"]
+    fused = progress.Progress("fuse", len(merge_plan.pairs))
+
+    def merged_arrays(group: plan.Plan, *, again: bool = False) -> fuse.Params:
+        """Restores the group's leaves (all, for the whole plan), fuses and verifies its pairs.
+
+        ``again``: a second pass for the reload check, by the same compiled steps, without verification or progress.
+        """
+        paths = None if group is merge_plan else [leaf.path for leaf in group.leaves_in]
+        with stopwatch.phase("restore"):
+            params = checkpoint.restore(source.params_dir, contents, layout, paths)
+        with stopwatch.phase("fuse"):
+            merged, checks = fuse.fuse_all(
+                group,
+                params,
+                layout,
+                verify=settings.verify and not again,
+                on_pair=None if again else lambda pair: fused.advance(pair.kernel.name),
+            )
+        outcome.checks += checks
+        return merged
+
+    if settings.memory_budget_bytes:
+        groups = stream.make_groups(merge_plan, settings.memory_budget_bytes)
+        details.append(f"streamed: {len(groups)} groups within memory_budget_gb={settings.memory_budget_bytes / 1e9:g}")
+        details += [f"note: {note}" for note in stream.oversized(groups, settings.memory_budget_bytes)]
+        write = functools.partial(stream.save, groups=groups, produce=merged_arrays)
+        written = (merged_arrays(group, again=True) for group in groups)  # Lazy: runs only for the reload check.
+    else:
+        merged = merged_arrays(merge_plan)
+        write = functools.partial(checkpoint.save, params=merged)
+        written = iter([merged])
+
     with checkpoint.staged_output(outcome.output) as staging:
+        params_dir = staging / checkpoint.PARAMS_KEY
         with stopwatch.phase("save"):
-            checkpoint.save(staging / checkpoint.PARAMS_KEY, merged, value_suffix=contents.value_suffix)
-            checkpoint.copy_assets(source, staging)
+            write(params_dir, value_suffix=contents.value_suffix)
+            if distributed.is_primary():
+                checkpoint.copy_assets(source, staging)
         if settings.verify_reload:
             with stopwatch.phase("reload"):
-                checkpoint.check_written(staging / checkpoint.PARAMS_KEY, merged, value_suffix=contents.value_suffix)
-    return summary.render(outcome.merge_plan, outcome.checks, outcome.output, stopwatch)
+                checkpoint.check_written(
+                    params_dir, merge_plan.leaves_out, written, value_suffix=contents.value_suffix, layout=layout
+                )
+    rendered = summary.render(merge_plan, outcome.checks, outcome.output, stopwatch)
+    return "\n".join([rendered, *(f"  {line}" for line in details)])
 
 
 @contextlib.contextmanager
@@ -126,16 +176,19 @@ def main(argv: list[str]) -> None:
     outcome, error = report.Outcome(), None
     try:
         settings = config.read_settings(_CONFIG.value)
+        distributed.initialize(settings.distributed)
         with _resolve_example(settings) as settings:
             if settings.mode == "inspect":
                 inspect(settings, outcome)
             else:
-                print(merge(settings, outcome))
+                text = merge(settings, outcome)
+                if distributed.is_primary():
+                    print(text)
     except KeyboardInterrupt:
         error = errors.InterruptError("interrupted: nothing was written")
     except errors.MergeError as e:
         error = e
-    if _CONFIG.value.report:
+    if _CONFIG.value.report and distributed.is_primary():
         exit_code = error.exit_code if error else 0
         report.write(
             _CONFIG.value.report, _CONFIG.value.to_dict(), outcome, exit_code=exit_code, error=error and str(error)

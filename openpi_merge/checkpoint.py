@@ -11,15 +11,14 @@ import os
 import pathlib
 import re
 import shutil
-import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from openpi_merge import errors, plan
+from openpi_merge import distributed, errors, plan, sharding
 
 PARAMS_KEY = "params"
 # nnx.State saves every parameter as {"value": array}; openpi's restore_params strips it only when every path has it.
@@ -67,9 +66,9 @@ def locate_input(path: str) -> Source:
     raise errors.InputError(f"input {root} is not an Orbax checkpoint: it has no params/ dir and no Orbax metadata")
 
 
-def _checkpointer() -> ocp.Checkpointer:
+def _checkpointer(**handler_options) -> ocp.Checkpointer:
     # openpi writes with orbax-checkpoint 0.11.13's defaults (OCDBT, zarr v2); newer releases must write the same.
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False, **handler_options))
 
 
 def _unreadable(params_dir: pathlib.Path, error: Exception) -> errors.InputError:
@@ -114,15 +113,25 @@ def _nested(params: dict[plan.Path, object], value_suffix: bool) -> dict:
     return {PARAMS_KEY: traverse_util.unflatten_dict({path + suffix: v for path, v in params.items()})}
 
 
-def restore(params_dir: pathlib.Path, contents: Contents) -> dict[plan.Path, jax.Array]:
-    """Restores every parameter onto JAX's default device, in its stored dtype."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    item = _nested(contents.leaves, contents.value_suffix)
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), item)
+def restore(
+    params_dir: pathlib.Path, contents: Contents, layout: sharding.Layout, paths: Iterable[plan.Path] | None = None
+) -> dict[plan.Path, jax.Array]:
+    """Restores the parameters at ``paths`` (default: all) in their stored dtype, placed as ``layout`` says.
+
+    With a mesh over several processes, each process reads only the shards its devices hold.
+    """
+    leaves = contents.leaves if paths is None else {path: contents.leaves[path] for path in paths}
+    item = _nested(leaves, contents.value_suffix)
+    restore_args = _nested(
+        {path: ocp.ArrayRestoreArgs(sharding=layout.sharding(leaf)) for path, leaf in leaves.items()},
+        contents.value_suffix,
+    )
+    # Transforms (none) make Orbax restore the item's structure, a part of the tree: its partial restore in 0.11.13.
+    partial = {} if paths is None else {"transforms": {}}
     try:
         with _checkpointer() as checkpointer:
             restored = checkpointer.restore(
-                params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
+                params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, **partial)
             )
     except Exception as e:  # As in _metadata_tree: a damaged file surfaces as any of many exception types.
         raise _unreadable(params_dir, e) from e
@@ -130,22 +139,47 @@ def restore(params_dir: pathlib.Path, contents: Contents) -> dict[plan.Path, jax
     return {path[:-1] if contents.value_suffix else path: array for path, array in flat.items()}
 
 
-def save(params_dir: pathlib.Path, params: dict[plan.Path, jax.Array], *, value_suffix: bool) -> None:
-    """Writes ``params`` as openpi does: one top-level ``params`` key, with the input's ``value`` convention."""
-    with _checkpointer() as checkpointer:
+def save(
+    params_dir: pathlib.Path,
+    params: dict[plan.Path, object],
+    *,
+    value_suffix: bool,
+    type_handler_registry: ocp.type_handlers.TypeHandlerRegistry | None = None,
+) -> None:
+    """Writes ``params`` as openpi does: one top-level ``params`` key, with the input's ``value`` convention.
+
+    Leaves are jax.Arrays, or any type ``type_handler_registry`` has a handler for (see ``stream``).
+    """
+    options = {} if type_handler_registry is None else {"type_handler_registry": type_handler_registry}
+    with _checkpointer(**options) as checkpointer:
         checkpointer.save(params_dir, args=ocp.args.PyTreeSave(_nested(params, value_suffix)))
 
 
-def check_written(params_dir: pathlib.Path, params: dict[plan.Path, jax.Array], *, value_suffix: bool) -> None:
-    """Re-reads a written checkpoint and raises NumericsError unless every leaf is bit-identical to ``params``."""
+def _same_bits(got: jax.Array, want: jax.Array) -> bool:
+    """Whether two arrays placed alike hold the same bits, compared shard by shard on this process's devices."""
+    if (got.dtype, got.shape) != (want.dtype, want.shape):
+        return False
+    shards = [sorted(x.addressable_shards, key=lambda shard: shard.device.id) for x in (got, want)]
+    return all(np.asarray(a.data).tobytes() == np.asarray(b.data).tobytes() for a, b in zip(*shards, strict=True))
+
+
+def check_written(
+    params_dir: pathlib.Path,
+    leaves: Iterable[plan.Leaf],
+    merged: Iterable[dict[plan.Path, jax.Array]],
+    *,
+    value_suffix: bool,
+    layout: sharding.Layout,
+) -> None:
+    """Re-reads a written checkpoint; raises NumericsError unless it holds exactly ``leaves``, bit-identical to
+    ``merged`` (the written arrays, a dict at a time: the whole tree, or one streamed group after another)."""
     contents = read_contents(params_dir)
-    if contents.value_suffix != value_suffix or contents.leaves.keys() != params.keys():
+    if contents.value_suffix != value_suffix or contents.leaves != {leaf.path: leaf for leaf in leaves}:
         raise errors.NumericsError(f"{params_dir} does not hold the tree that was written")
-    for path, array in restore(params_dir, contents).items():
-        want = np.asarray(params[path])
-        got = np.asarray(array)
-        if got.dtype != want.dtype or got.shape != want.shape or got.tobytes() != want.tobytes():
-            raise errors.NumericsError(f"{params_dir}: {'/'.join(path)} reads back different from what was written")
+    for params in merged:
+        for path, array in restore(params_dir, contents, layout, paths=params).items():
+            if not _same_bits(array, params[path]):
+                raise errors.NumericsError(f"{params_dir}: {'/'.join(path)} reads back different from what was written")
 
 
 def copy_assets(source: Source, step_dir: pathlib.Path) -> None:
@@ -173,22 +207,29 @@ def staged_output(target: pathlib.Path) -> Iterator[pathlib.Path]:
     """Yields a hidden staging dir beside ``target`` that becomes ``target`` only if the block completes.
 
     A failed or interrupted run removes the staging dir; a killed one leaves a hidden ``.<name>.openpi-merge-tmp-*``
-    dir, never anything at ``target``, and the next run for the same target removes it.
+    dir, never anything at ``target``, and the next run for the same target removes it. In a multi-process run every
+    process writes into the same staging dir and process 0 alone prepares, commits and removes it, between barriers.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}{_STAGING}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = target.parent / f".{target.name}{_STAGING}{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    primary = distributed.is_primary()
+    staging = target.parent / f".{target.name}{_STAGING}{distributed.shared_token()}"
+    if primary:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}{_STAGING}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir()
+    distributed.barrier("staging-ready")
     try:
         yield staging
-        if target.exists():
-            retired = staging.with_name(staging.name + "-old")
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
+        distributed.barrier("staging-written")
+        if primary:
+            if target.exists():
+                retired = staging.with_name(staging.name + "-old")
+                os.replace(target, retired)
+                os.replace(staging, target)
+                shutil.rmtree(retired)
+            else:
+                os.replace(staging, target)
+        distributed.barrier("committed")
     finally:
-        if staging.exists():
+        if primary and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -1,6 +1,7 @@
 """The merge config: an ml_collections ConfigDict for the command line, read into frozen, validated settings."""
 
 import dataclasses
+import re
 
 import ml_collections
 import ml_dtypes
@@ -21,6 +22,27 @@ MODES = ("merge", "inspect")
 # dtype of merged kernels by config name; None keeps each kernel's own.
 OUTPUT_DTYPES = {"keep": None, "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
+MeshSpec = tuple[tuple[str, int], ...]  # (axis name, size) in order; one size may be -1.
+_MESH_AXIS = re.compile(r"([A-Za-z_]\w*)=(-1|[1-9]\d*)")
+
+
+def parse_mesh(text: str) -> MeshSpec:
+    """Parses ``"fsdp=4,tp=2"``; the empty string is no mesh (one device)."""
+    if not text.strip():
+        return ()
+    axes = []
+    for part in text.split(","):
+        match = _MESH_AXIS.fullmatch(part.strip())
+        if not match:
+            raise errors.ConfigError(f"mesh={text!r}: {part.strip()!r} is not NAME=SIZE (SIZE a positive int or -1)")
+        axes.append((match[1], int(match[2])))
+    names = [name for name, _ in axes]
+    if len(set(names)) != len(names):
+        raise errors.ConfigError(f"mesh={text!r} names an axis twice")
+    if sum(size == -1 for _, size in axes) > 1:
+        raise errors.ConfigError(f"mesh={text!r}: only one axis may be -1")
+    return tuple(axes)
+
 
 def make_config(model: str) -> ml_collections.ConfigDict:
     """The config of a merge for ``model``; every field can be overridden as ``--config.<field>=<value>``."""
@@ -35,6 +57,17 @@ def make_config(model: str) -> ml_collections.ConfigDict:
     config.verify_reload = False  # Re-read the written checkpoint and compare it bit for bit before committing.
     config.reference = ""  # A base checkpoint (e.g. openpi's pi0_base params) whose tree the output must match.
     config.report = ""  # Path of a JSON report (plan, checks, timings, versions, exit status), for batch jobs.
+    # Scale (see openpi_merge/sharding.py, stream.py and distributed.py).
+    config.mesh = ""  # Device mesh, e.g. "fsdp=-1" or "fsdp=4,tp=2"; empty: JAX's default device alone.
+    config.memory_budget_gb = 0.0  # > 0: restore, fuse and write group by group within about this much memory.
+    config.distributed = ml_collections.ConfigDict(
+        {
+            "enabled": False,  # Call jax.distributed.initialize(); the fields below default to JAX's cluster detection.
+            "coordinator_address": config_dict.placeholder(str),
+            "num_processes": config_dict.placeholder(int),
+            "process_id": config_dict.placeholder(int),
+        }
+    )
     for expert, variant in MODEL_EXPERTS[model].items():
         config[expert] = ml_collections.ConfigDict(
             {
@@ -59,6 +92,15 @@ class ExpertSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedSettings:
+    """Arguments of ``jax.distributed.initialize``; None lets JAX detect them (TPU pods, SLURM, Open MPI, k8s)."""
+
+    coordinator_address: str | None
+    num_processes: int | None
+    process_id: int | None
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     model: str
     input: str
@@ -71,6 +113,9 @@ class Settings:
     reference: str
     report: str
     experts: dict[str, ExpertSettings]  # Keyed by module-name suffix: "" for PaliGemma, "_1" for the action expert.
+    mesh: MeshSpec  # Empty: JAX's default device alone.
+    memory_budget_bytes: int  # 0: the whole tree in memory at once.
+    distributed: DistributedSettings | None  # None: a single process.
 
 
 def read_settings(config: ml_collections.ConfigDict) -> Settings:
@@ -99,6 +144,9 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
             rslora=bool(expert.rslora),
             lora_axes=axes,
         )
+    mesh = parse_mesh(config.mesh)
+    if not config.memory_budget_gb >= 0:
+        raise errors.ConfigError(f"memory_budget_gb={config.memory_budget_gb} must be positive (or 0: no budget)")
     return Settings(
         model=config.model,
         input=config.input,
@@ -111,4 +159,19 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
         reference=config.reference,
         report=config.report,
         experts=experts,
+        mesh=mesh,
+        memory_budget_bytes=round(config.memory_budget_gb * 1e9),
+        distributed=_read_distributed(config.distributed, mesh),
+    )
+
+
+def _read_distributed(distributed: ml_collections.ConfigDict, mesh: MeshSpec) -> DistributedSettings | None:
+    if not distributed.enabled:
+        return None
+    if not mesh:
+        raise errors.ConfigError("distributed.enabled needs a mesh over all processes' devices: --config.mesh=fsdp=-1")
+    return DistributedSettings(
+        coordinator_address=distributed.coordinator_address,
+        num_processes=distributed.num_processes,
+        process_id=distributed.process_id,
     )

@@ -3,9 +3,15 @@
 With verification on, the same compiled step also runs random probe inputs through the module's own forward
 equation twice, the LoRA way (kernel, then A and B as openpi applies them) and through the merged kernel as stored,
 and measures the difference against what rounding explains (see ``_verify_layer``).
+
+On a device mesh (``sharding``) the merged kernel keeps the kernel's sharding and the factors are replicated; each
+layer's update is computed whole on every device, exactly as on one device, and each device adds its own block, so the
+merged values are bit-identical whatever the mesh (a device that computed only its block of the update could round
+differently: XLA's CPU dot does for column blocks).
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -13,7 +19,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from openpi_merge import errors, lora, plan
+from openpi_merge import errors, lora, plan, sharding
 
 Params = dict[plan.Path, jax.Array]
 _F32_UNIT_ROUNDOFF = 2.0**-24
@@ -91,9 +97,10 @@ def _verify_layer(step: _Step, x, kernel, lora_a, lora_b, merged):
     return jnp.max(diff), jnp.max(jnp.abs(y_lora)), jnp.max(diff / bound)
 
 
-def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes):
+def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes, *, whole: jax.sharding.Sharding):
     kernel, lora_a, lora_b = (x.astype(jnp.float32) for x in (kernel, lora_a, lora_b))
-    merged = kernel + step.scale * _einsum(step.update_equation, lora_a, lora_b)
+    delta = jax.lax.with_sharding_constraint(_einsum(step.update_equation, lora_a, lora_b), whole)
+    merged = kernel + step.scale * delta
     stored = merged.astype(step.out_dtype)
     stats = jnp.array([jnp.all(jnp.isfinite(merged)), 0.0, 0.0, 0.0], jnp.float32)
     if step.probe_shape is not None:
@@ -102,7 +109,7 @@ def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes):
     return stored, stats
 
 
-def _write_layer(target, source, lora_a, lora_b, probes, index, *, step: _Step):
+def _write_layer(target, source, lora_a, lora_b, probes, index, *, step: _Step, whole: jax.sharding.Sharding):
     """Fuses the layer at ``index`` (a tuple over the stacked leading axes) of ``source`` into ``target``.
 
     ``target`` is donated and updated in place, so a stacked kernel is merged one layer at a time with temporaries
@@ -111,16 +118,38 @@ def _write_layer(target, source, lora_a, lora_b, probes, index, *, step: _Step):
     """
     source = target if source is None else source
     layer = tuple(x[index] for x in (source, lora_a, lora_b))
-    merged, stats = _fuse_layer(step, *layer, probes[index])
+    merged, stats = _fuse_layer(step, *layer, probes[index], whole=whole)
     start = (*index, *(0 for _ in merged.shape))
     return jax.lax.dynamic_update_slice(target, merged.reshape((1,) * len(index) + merged.shape), start), stats
 
 
-_write_layer_jit = jax.jit(_write_layer, static_argnames="step", donate_argnums=0)
+@functools.cache
+def _compiled_write_layer(step: _Step, stacked: jax.sharding.Sharding, replicated: jax.sharding.Sharding):
+    """``_write_layer`` under ``jax.jit`` with explicit shardings: kernels ``stacked``, everything else replicated."""
+    return jax.jit(
+        functools.partial(_write_layer, step=step, whole=replicated),
+        donate_argnums=0,
+        in_shardings=(stacked, stacked, replicated, replicated, replicated, replicated),
+        out_shardings=(stacked, replicated),
+    )
+
+
+def _place(x: jax.Array | np.ndarray, where: jax.sharding.Sharding) -> jax.Array:
+    """A host array as a jax.Array placed ``where`` (the same values on every process); jax.Arrays stay as they are."""
+    if isinstance(x, jax.Array):
+        return x
+    return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
 
 def fuse_pair(
-    pair: plan.Pair, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *, verify: bool = True, seed: int = 0
+    pair: plan.Pair,
+    kernel: jax.Array,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    layout: sharding.Layout,
+    *,
+    verify: bool = True,
+    seed: int = 0,
 ) -> tuple[jax.Array, Check | None]:
     """Returns ``kernel + scale * dW(A, B)`` in the pair's output dtype, and the verification result if asked.
 
@@ -128,17 +157,21 @@ def fuse_pair(
     or Inf, or when the merged kernel's outputs differ from the LoRA path's by more than rounding explains.
     """
     step = _make_step(pair, verify=verify)
+    stacked, replicated = layout.sharding(pair.kernel), layout.replicated
+    write_layer = _compiled_write_layer(step, stacked, replicated)
     batch_shape = pair.kernel.shape[: pair.batch_ndim]
     # Probes come from the host: random number generation inside the compiled step would double compile time.
     probes = np.random.default_rng(seed).standard_normal((*batch_shape, *(step.probe_shape or ())), np.float32)
-    kernel, lora_a, lora_b, probes = (jnp.asarray(x) for x in (kernel, lora_a, lora_b, probes))
+    kernel = _place(kernel, stacked)
+    lora_a, lora_b, probes = (_place(x, replicated) for x in (lora_a, lora_b, probes))
     if np.dtype(kernel.dtype) == pair.out_dtype:
         target, source = kernel, None
     else:
-        target, source = jnp.zeros(kernel.shape, pair.out_dtype), kernel
+        target = jax.jit(lambda: jnp.zeros(pair.kernel.shape, pair.out_dtype), out_shardings=stacked)()
+        source = kernel
     stats = []
     for index in np.ndindex(batch_shape):
-        target, layer_stats = _write_layer_jit(target, source, lora_a, lora_b, probes, index, step=step)
+        target, layer_stats = write_layer(target, source, lora_a, lora_b, probes, index)
         stats.append(layer_stats)
     finite, max_diff, max_output, bound_ratio = np.asarray(jnp.stack(stats)).T
     if not finite.all():
@@ -165,7 +198,9 @@ def worst_by_kind(checks: list[Check]) -> dict[str, dict[str, float]]:
     return worst
 
 
-def fuse_all(merge_plan: plan.Plan, params: Params, *, verify: bool, on_pair=None) -> tuple[Params, list[Check]]:
+def fuse_all(
+    merge_plan: plan.Plan, params: Params, layout: sharding.Layout, *, verify: bool, on_pair=None
+) -> tuple[Params, list[Check]]:
     """Replaces every paired kernel in ``params`` by its merged kernel and drops the LoRA leaves.
 
     ``on_pair(pair)`` is called after each pair, for progress reporting.
@@ -174,7 +209,7 @@ def fuse_all(merge_plan: plan.Plan, params: Params, *, verify: bool, on_pair=Non
     for index, pair in enumerate(merge_plan.pairs):
         kernel = params.pop(pair.kernel.path)
         lora_a, lora_b = params.pop(pair.lora_a.path), params.pop(pair.lora_b.path)
-        params[pair.kernel.path], check = fuse_pair(pair, kernel, lora_a, lora_b, verify=verify, seed=index)
+        params[pair.kernel.path], check = fuse_pair(pair, kernel, lora_a, lora_b, layout, verify=verify, seed=index)
         if check is not None:
             checks.append(check)
         if on_pair is not None:

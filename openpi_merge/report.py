@@ -22,6 +22,7 @@ class Outcome:
     merge_plan: plan.Plan | None = None
     checks: list[fuse.Check] = dataclasses.field(default_factory=list)
     output: pathlib.Path | None = None
+    devices: str | None = None  # Where the arrays lived: one device, or a mesh over every process's devices.
 
 
 def _leaf(leaf: plan.Leaf) -> dict:
@@ -80,6 +81,7 @@ def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: s
         "verification": fuse.worst_by_kind(outcome.checks),
         "seconds": outcome.stopwatch.seconds,
         "backend": jax.default_backend(),
+        "devices": outcome.devices,
         "versions": _versions(),
     }
     target = pathlib.Path(path).expanduser().resolve()

@@ -10,18 +10,32 @@ from openpi_merge import fuse, plan
 
 
 class Stopwatch:
-    """Wall seconds per named phase, in the order the phases ran."""
+    """Wall seconds per named phase, in the order the phases began.
+
+    A phase entered inside another pauses it, so every second counts once (a streamed save restores and fuses inside).
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._running: list[str] = []
+        self._since = time.perf_counter()
+
+    def _charge(self) -> None:
+        now = time.perf_counter()
+        if self._running:
+            self.seconds[self._running[-1]] += now - self._since
+        self._since = now
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        self._charge()
+        self.seconds.setdefault(name, 0.0)
+        self._running.append(name)
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self._charge()
+            self._running.pop()
 
     @property
     def total(self) -> float:

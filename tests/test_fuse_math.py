@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from reference import assert_rounds_to, merged_kernel
 
-from openpi_merge import config, fuse, lora, plan
+from openpi_merge import config, fuse, lora, plan, sharding
 
 DEPTH = 3
 RNG = np.random.default_rng(0)
@@ -109,7 +109,9 @@ def _merge_case(kind_name, rank, settings, lora_axes=(-2, -1), suffix=""):
     root = ("PaliGemma", "llm", "layers", "mlp" if module == "mlp" else "attn", module + suffix)
     leaves = {(*root, name): plan.Leaf((*root, name), a.shape, a.dtype) for name, a in arrays.items()}
     (pair,) = plan.make_plan(leaves, settings).pairs
-    merged, _ = fuse.fuse_pair(pair, *(arrays[name] for name in (kind.kernel, kind.lora_a, kind.lora_b)))
+    merged, _ = fuse.fuse_pair(
+        pair, *(arrays[name] for name in (kind.kernel, kind.lora_a, kind.lora_b)), sharding.single_device()
+    )
     return pair, arrays[kind.kernel], arrays[kind.lora_a], arrays[kind.lora_b], np.asarray(merged)
 
 
@@ -173,7 +175,7 @@ def test_bfloat16_kernel_merges_to_the_rounded_float64_reference():
     pair, w, a, b, _ = _merge_case("q_einsum", rank=16, settings=_settings())
     w16 = w.astype(ml_dtypes.bfloat16)
     bf16_pair = dataclasses.replace(pair, kernel=dataclasses.replace(pair.kernel, dtype=w16.dtype), out_dtype=w16.dtype)
-    merged = np.asarray(fuse.fuse_pair(bf16_pair, w16, a, b)[0])
+    merged = np.asarray(fuse.fuse_pair(bf16_pair, w16, a, b, sharding.single_device())[0])
     params = {("q_einsum", "w"): w16, ("q_einsum", "lora_a"): a, ("q_einsum", "lora_b"): b}
     assert merged.dtype == ml_dtypes.bfloat16
     assert_rounds_to(merged, *merged_kernel(params, ("q_einsum", "w"), alpha=16.0))

@@ -3,11 +3,12 @@
 import dataclasses
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import restore_flat, run_cli
 
-from openpi_merge import checkpoint, config, errors, fuse, plan
+from openpi_merge import checkpoint, config, errors, fuse, plan, sharding
 
 
 def _run(step, out, *overrides, model="pi0"):
@@ -64,25 +65,34 @@ def _attn_vec_pair(rank=16, heads=4, head_dim=8, width=32):
 
 def test_verification_passes_a_right_merge_and_fails_a_wrong_one():
     pair, arrays = _attn_vec_pair()
-    _, check = fuse.fuse_pair(pair, arrays["w"], arrays["lora_a"], arrays["lora_b"])
+    _, check = fuse.fuse_pair(pair, arrays["w"], arrays["lora_a"], arrays["lora_b"], sharding.single_device())
     assert check.bound_ratio <= 1.0
     assert check.relative_error < 1e-5  # float32 output: only float32 rounding.
     # The per-head product A[n] @ B[n]: the classic hand-written mistake for attn_vec_einsum.
     wrong = dataclasses.replace(pair, update_equation="abc,acd->abd")
     with pytest.raises(errors.NumericsError, match=r"verification failed for .*attn_vec_einsum/w"):
-        fuse.fuse_pair(wrong, arrays["w"], arrays["lora_a"], arrays["lora_b"])
+        fuse.fuse_pair(wrong, arrays["w"], arrays["lora_a"], arrays["lora_b"], sharding.single_device())
 
 
 def test_reload_check_catches_a_checkpoint_that_reads_back_different(tiny_checkpoint, tmp_path):
     assert _run(tiny_checkpoint("pi0"), tmp_path / "out", "--config.verify_reload=True").returncode == 0
     params_dir = tmp_path / "out" / "params"
     params = restore_flat(params_dir)
-    checkpoint.check_written(params_dir, params, value_suffix=True)
+    leaves = checkpoint.read_contents(params_dir).leaves.values()
+    layout = sharding.single_device()
+
+    def check(arrays):
+        as_written = {path: jnp.asarray(array) for path, array in arrays.items()}
+        checkpoint.check_written(params_dir, leaves, [as_written], value_suffix=True, layout=layout)
+
+    check(params)
     path = next(p for p in params if p[-1] == "w")
     params[path] = params[path].copy()
     params[path].flat[0] += 1
     with pytest.raises(errors.NumericsError, match="reads back different"):
-        checkpoint.check_written(params_dir, params, value_suffix=True)
+        check(params)
+    with pytest.raises(errors.NumericsError, match="does not hold the tree"):
+        checkpoint.check_written(params_dir, list(leaves)[1:], [], value_suffix=True, layout=layout)
 
 
 def test_reference_tree_must_match(tiny_checkpoint, tmp_path):
