@@ -13,6 +13,7 @@ differently: XLA's CPU dot does for column blocks).
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -109,28 +110,42 @@ def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes, *, whole: jax.shard
     return stored, stats
 
 
-def _write_layer(target, source, lora_a, lora_b, probes, index, *, step: _Step, whole: jax.sharding.Sharding):
-    """Fuses the layer at ``index`` (a tuple over the stacked leading axes) of ``source`` into ``target``.
+def _take_layer(x, index):
+    return x[index]
 
-    ``target`` is donated and updated in place, so a stacked kernel is merged one layer at a time with temporaries
-    the size of one layer: the whole-array form lets XLA hoist float32 copies of the full stack out of its loop.
-    ``source`` is None when the merged kernel keeps the kernel's dtype and overwrites it.
+
+def _write_layer(target, layer, lora_a, lora_b, probes, index, *, step: _Step, whole: jax.sharding.Sharding):
+    """Fuses ``layer``, the kernel's layer at ``index`` (a tuple over the stacked leading axes), into ``target``.
+
+    ``target`` is donated and only written, so XLA updates it in place and a stacked kernel is merged one layer at a
+    time with temporaries the size of one layer. The layer comes from a separate step (``_take_layer``): slicing it
+    out of ``target`` in this program would make XLA copy all of ``target`` first, and the whole-array form would
+    make it hoist float32 copies of the full stack.
     """
-    source = target if source is None else source
-    layer = tuple(x[index] for x in (source, lora_a, lora_b))
-    merged, stats = _fuse_layer(step, *layer, probes[index], whole=whole)
+    merged, stats = _fuse_layer(step, layer, lora_a[index], lora_b[index], probes[index], whole=whole)
     start = (*index, *(0 for _ in merged.shape))
     return jax.lax.dynamic_update_slice(target, merged.reshape((1,) * len(index) + merged.shape), start), stats
 
 
+@dataclasses.dataclass(frozen=True)
+class _Compiled:
+    """One pair kind's steps under ``jax.jit``, with explicit shardings: kernels as the layout says, all else
+    replicated."""
+
+    take_layer: Callable
+    write_layer: Callable
+
+
 @functools.cache
-def _compiled_write_layer(step: _Step, stacked: jax.sharding.Sharding, replicated: jax.sharding.Sharding):
-    """``_write_layer`` under ``jax.jit`` with explicit shardings: kernels ``stacked``, everything else replicated."""
-    return jax.jit(
-        functools.partial(_write_layer, step=step, whole=replicated),
-        donate_argnums=0,
-        in_shardings=(stacked, stacked, replicated, replicated, replicated, replicated),
-        out_shardings=(stacked, replicated),
+def _compiled(step: _Step, stacked: jax.sharding.Sharding, layer: jax.sharding.Sharding, replicated) -> _Compiled:
+    return _Compiled(
+        take_layer=jax.jit(_take_layer, in_shardings=(stacked, replicated), out_shardings=layer),
+        write_layer=jax.jit(
+            functools.partial(_write_layer, step=step, whole=replicated),
+            donate_argnums=0,
+            in_shardings=(stacked, layer, replicated, replicated, replicated, replicated),
+            out_shardings=(stacked, replicated),
+        ),
     )
 
 
@@ -158,20 +173,21 @@ def fuse_pair(
     """
     step = _make_step(pair, verify=verify)
     stacked, replicated = layout.sharding(pair.kernel), layout.replicated
-    write_layer = _compiled_write_layer(step, stacked, replicated)
+    steps = _compiled(step, stacked, layout.layer_sharding(pair.kernel, pair.batch_ndim), replicated)
     batch_shape = pair.kernel.shape[: pair.batch_ndim]
     # Probes come from the host: random number generation inside the compiled step would double compile time.
     probes = np.random.default_rng(seed).standard_normal((*batch_shape, *(step.probe_shape or ())), np.float32)
     kernel = _place(kernel, stacked)
     lora_a, lora_b, probes = (_place(x, replicated) for x in (lora_a, lora_b, probes))
-    if np.dtype(kernel.dtype) == pair.out_dtype:
-        target, source = kernel, None
+    in_place = np.dtype(kernel.dtype) == pair.out_dtype
+    if in_place:
+        target = kernel
     else:
         target = jax.jit(lambda: jnp.zeros(pair.kernel.shape, pair.out_dtype), out_shardings=stacked)()
-        source = kernel
     stats = []
     for index in np.ndindex(batch_shape):
-        target, layer_stats = write_layer(target, source, lora_a, lora_b, probes, index)
+        layer = steps.take_layer(target if in_place else kernel, index)
+        target, layer_stats = steps.write_layer(target, layer, lora_a, lora_b, probes, index)
         stats.append(layer_stats)
     finite, max_diff, max_output, bound_ratio = np.asarray(jnp.stack(stats)).T
     if not finite.all():

@@ -126,10 +126,11 @@ def test_bare_params_dir_as_input(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("OPENPI_MERGE_OTHER_PYTHON"), reason="set by .ci/run: the other stack's python")
-def test_output_restores_under_the_other_stack(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("overrides", [(), ("--config.memory_budget_gb=0.0001",)], ids=["in-memory", "streamed"])
+def test_output_restores_under_the_other_stack(tiny_checkpoint, tmp_path, overrides):
     """What this stack writes restores, through openpi's own call, under the other (pinned or latest) stack."""
     step = tiny_checkpoint("pi0")
-    _merge(step, tmp_path / "merged", "pi0")
+    _merge(step, tmp_path / "merged", "pi0", *overrides)
     read = subprocess.run(
         [os.environ["OPENPI_MERGE_OTHER_PYTHON"], str(REPO / "tests" / "openpi_restore.py"), str(tmp_path / "merged")],
         capture_output=True,
