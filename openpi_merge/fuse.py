@@ -59,8 +59,23 @@ def _probe_shape(lhs: str, kernel_dims: dict[str, int]) -> tuple[int, ...]:
     return tuple(kernel_dims.get(c, _PROBE_TOKENS if c == free[-1] else 1) for c in lhs)
 
 
-def _make_step(pair: plan.Pair, *, verify: bool) -> _Step:
+def _probe_equations(pair: plan.Pair) -> tuple[str, tuple[str, str]]:
+    """The module's forward and LoRA equations, with the kernel's output blocks as probe axes too.
+
+    A kernel axis that the output keeps and the input lacks (gating's 2, q_einsum's heads) becomes an axis of the
+    probes as well, so each block is probed by inputs of its own: the same check, but XLA's CPU dot then runs as one
+    batched matmul instead of transposing the whole kernel first (30x faster for gating_einsum at pi0 scale).
+    """
     lhs, rhs, out = lora.split_equation(pair.kind.equation)
+    eqn_a, eqn_b = pair.lora_equations
+    _, a_rhs, a_out = lora.split_equation(eqn_a)
+    blocks = "".join(c for c in rhs[:-1] if c in out and c not in lhs and c in a_out)
+    return f"{blocks}{lhs},{rhs}->{out}", (f"{blocks}{lhs},{a_rhs}->{a_out}", eqn_b)
+
+
+def _make_step(pair: plan.Pair, *, verify: bool) -> _Step:
+    forward_equation, lora_equations = _probe_equations(pair)
+    lhs, rhs, out = lora.split_equation(forward_equation)
     layer_shape = pair.kernel.shape[pair.batch_ndim :]
     dims = dict(zip(rhs, layer_shape, strict=True))
     contracted = math.prod(dims[c] for c in lhs if c in rhs and c not in out)
@@ -68,8 +83,8 @@ def _make_step(pair: plan.Pair, *, verify: bool) -> _Step:
     tolerance = _unit_roundoff(pair.out_dtype) + (contracted + pair.rank + 4) * _F32_UNIT_ROUNDOFF
     return _Step(
         update_equation=pair.update_equation,
-        forward_equation=pair.kind.equation,
-        lora_equations=pair.lora_equations,
+        forward_equation=forward_equation,
+        lora_equations=lora_equations,
         scale=pair.scale,
         out_dtype=pair.out_dtype,
         probe_shape=_probe_shape(lhs, dims) if verify else None,
@@ -124,7 +139,11 @@ def _write_layer(target, layer, lora_a, lora_b, probes, index, *, step: _Step, w
     """
     merged, stats = _fuse_layer(step, layer, lora_a[index], lora_b[index], probes[index], whole=whole)
     start = (*index, *(0 for _ in merged.shape))
-    return jax.lax.dynamic_update_slice(target, merged.reshape((1,) * len(index) + merged.shape), start), stats
+    # Written as raw bits: XLA's CPU backend widens a bfloat16 update to float32 across all of ``target``.
+    bits = jnp.dtype(f"uint{8 * target.dtype.itemsize}")
+    update = jax.lax.bitcast_convert_type(merged.reshape((1,) * len(index) + merged.shape), bits)
+    written = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(target, bits), update, start)
+    return jax.lax.bitcast_convert_type(written, target.dtype), stats
 
 
 @dataclasses.dataclass(frozen=True)
