@@ -148,8 +148,7 @@ def _write_layer(target, layer, lora_a, lora_b, probes, index, *, step: _Step, w
 
 @dataclasses.dataclass(frozen=True)
 class _Compiled:
-    """One pair kind's steps under ``jax.jit``, with explicit shardings: kernels as the layout says, all else
-    replicated."""
+    """One pair kind's steps under ``jax.jit``; kernels are placed as the layout says, everything else replicated."""
 
     take_layer: Callable
     write_layer: Callable
