@@ -55,7 +55,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_processes(step, out, num_processes: int = 2, devices: int = 4) -> list[subprocess.Popen]:
+def _start_processes(step, out, *overrides, num_processes: int = 2, devices: int = 4) -> list[subprocess.Popen]:
     """One merge as ``num_processes`` JAX processes on 127.0.0.1, each with ``devices`` CPU devices."""
     port = _free_port()
     return [
@@ -68,6 +68,7 @@ def _start_processes(step, out, num_processes: int = 2, devices: int = 4) -> lis
                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                 f"--config.distributed.num_processes={num_processes}",
                 f"--config.distributed.process_id={i}",
+                *overrides,
             ),
             cwd=REPO,
             env=_env(devices),
@@ -210,3 +211,13 @@ def test_nested_phases_count_each_second_once(monkeypatch):
         pass
     assert stopwatch.seconds == {"save": 6.0, "restore": 3.0}
     assert stopwatch.total == 9.0
+
+
+def test_two_processes_streamed_and_reloaded_write_what_one_writes(tiny_checkpoint, single_device_output, tmp_path):
+    out = tmp_path / "merged"
+    stdouts = _finish(
+        _start_processes(tiny_checkpoint(MODEL), out, "--config.memory_budget_gb=0.0001", "--config.verify_reload=True")
+    )
+    assert "streamed:" in stdouts[0]
+    assert "reload" in stdouts[0]
+    _assert_same_params(out, single_device_output)
