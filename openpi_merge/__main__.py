@@ -73,12 +73,13 @@ def merge(settings: config.Settings, outcome: report.Outcome) -> str:
     def merged_arrays(group: plan.Plan, *, again: bool = False) -> fuse.Params:
         """Restores the group's leaves (all, for the whole plan), fuses and verifies its pairs.
 
-        ``again``: a second pass for the reload check, by the same compiled steps, without verification or progress.
+        ``again``: a second pass for the reload check (and timed as part of it), by the same compiled steps, without
+        verification or progress.
         """
         paths = None if group is merge_plan else [leaf.path for leaf in group.leaves_in]
-        with stopwatch.phase("restore"):
+        with stopwatch.phase("reload" if again else "restore"):
             params = checkpoint.restore(source.params_dir, contents, layout, paths)
-        with stopwatch.phase("fuse"):
+        with stopwatch.phase("reload" if again else "fuse"):
             merged, checks = fuse.fuse_all(
                 group,
                 params,
