@@ -92,8 +92,7 @@ def merge(settings: config.Settings, outcome: report.Outcome) -> str:
 
     if settings.memory_budget_bytes:
         groups = stream.make_groups(merge_plan, settings.memory_budget_bytes)
-        details.append(f"streamed: {len(groups)} groups within memory_budget_gb={settings.memory_budget_bytes / 1e9:g}")
-        details += [f"note: {note}" for note in stream.oversized(groups, settings.memory_budget_bytes)]
+        details += stream.describe(groups, settings.memory_budget_bytes)
         write = functools.partial(stream.save, groups=groups, produce=merged_arrays)
         written = (merged_arrays(group, again=True) for group in groups)  # Lazy: runs only for the reload check.
     else:

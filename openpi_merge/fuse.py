@@ -152,6 +152,7 @@ class _Compiled:
 
     take_layer: Callable
     write_layer: Callable
+    zeros: Callable  # zeros(shape): the target of a merge that changes the kernel's dtype.
 
 
 @functools.cache
@@ -164,6 +165,7 @@ def _compiled(step: _Step, stacked: jax.sharding.Sharding, layer: jax.sharding.S
             in_shardings=(stacked, layer, replicated, replicated, replicated, replicated),
             out_shardings=(stacked, replicated),
         ),
+        zeros=jax.jit(functools.partial(jnp.zeros, dtype=step.out_dtype), static_argnums=0, out_shardings=stacked),
     )
 
 
@@ -198,10 +200,7 @@ def fuse_pair(
     kernel = _place(kernel, stacked)
     lora_a, lora_b, probes = (_place(x, replicated) for x in (lora_a, lora_b, probes))
     in_place = np.dtype(kernel.dtype) == pair.out_dtype
-    if in_place:
-        target = kernel
-    else:
-        target = jax.jit(lambda: jnp.zeros(pair.kernel.shape, pair.out_dtype), out_shardings=stacked)()
+    target = kernel if in_place else steps.zeros(pair.kernel.shape)
     stats = []
     for index in np.ndindex(batch_shape):
         layer = steps.take_layer(target if in_place else kernel, index)

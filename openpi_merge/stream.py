@@ -53,11 +53,12 @@ def make_groups(merge_plan: plan.Plan, budget_bytes: int) -> tuple[plan.Plan, ..
     return tuple(groups)
 
 
-def oversized(groups: Sequence[plan.Plan], budget_bytes: int) -> list[str]:
-    """Notes on the groups over the budget (each a single pair or leaf)."""
-    return [
-        f"{(g.pairs[0].kernel if g.pairs else g.kept[0]).name} needs {nbytes(g) / GB:.3g} GB to restore and write, "
-        f"over memory_budget_gb={budget_bytes / GB:g}: processed alone"
+def describe(groups: Sequence[plan.Plan], budget_bytes: int) -> list[str]:
+    """Summary lines: the number of groups, and a note on each group over the budget (each a single pair or leaf)."""
+    budget = f"memory_budget_gb={budget_bytes / GB:g}"
+    return [f"streamed: {len(groups)} groups within {budget}"] + [
+        f"note: {(g.pairs[0].kernel if g.pairs else g.kept[0]).name} needs {nbytes(g) / GB:.3g} GB to restore and "
+        f"write, over {budget}: processed alone"
         for g in groups
         if nbytes(g) > budget_bytes
     ]
