@@ -1,31 +1,33 @@
-"""Orbax checkpoint I/O in openpi's layout, and an output that appears only once it is complete.
+"""Orbax checkpoint I/O in openpi's layout: finding a finished input, reading metadata and arrays, writing params and
+assets. Committing the written step dir is ``commit``'s.
 
 openpi training writes ``<checkpoint_dir>/<step>/`` holding ``params/`` (an Orbax PyTree checkpoint whose single
 top-level key is ``params``), ``train_state/``, ``assets/<asset_id>/`` and ``_CHECKPOINT_METADATA``. Serving reads
 only ``params/`` and ``assets/``, which is what a merged step dir holds.
 """
 
-import contextlib
 import dataclasses
 import os
 import pathlib
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+import stat
+from collections.abc import Iterable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from openpi_merge import distributed, errors, plan, sharding
+from openpi_merge import errors, plan, sharding
 
 PARAMS_KEY = "params"
 # nnx.State saves every parameter as {"value": array}; openpi's restore_params strips it only when every path has it.
 VALUE_SUFFIX = "value"
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
-_UNFINISHED = re.compile(r"\.orbax-checkpoint-tmp-\d+$")
-_STAGING = ".openpi-merge-tmp-"
+# An Orbax save that did not finish: orbax-checkpoint 0.11.x names it <name>.orbax-checkpoint-tmp-<N>, 0.12 and later
+# <name>.orbax-checkpoint-tmp. On object storage it is a prefix without commit_success.txt (see ``storage``).
+_UNFINISHED = re.compile(r"\.orbax-checkpoint-tmp(-\d+)?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,25 +47,42 @@ class Contents:
     value_suffix: bool
 
 
-def locate_input(path: str) -> Source:
-    """Resolves a training step dir (holding ``params/``) or a bare Orbax params dir."""
+def _refuse_unfinished(path: pathlib.Path, role: str) -> None:
+    if _UNFINISHED.search(path.name):
+        raise errors.InputError(
+            f"{role} {path} is an unfinished Orbax save (a run that did not finish writing it): pick a finished step "
+            "dir, or let that run finish"
+        )
+
+
+def locate_input(path: str, *, role: str = "input") -> Source:
+    """Resolves a training step dir (holding ``params/``) or a bare Orbax params dir; ``role`` names it in errors.
+
+    Raises InputError for a missing path, an unfinished Orbax save, or a dir that is no Orbax checkpoint.
+    """
     root = pathlib.Path(path).expanduser().resolve()
     if not root.exists():
-        raise errors.InputError(f"input {root} does not exist")
-    if _UNFINISHED.search(root.name):
-        raise errors.InputError(f"input {root} is an unfinished Orbax save: pick a finished step dir next to it")
+        raise errors.InputError(f"{role} {root} does not exist")
+    _refuse_unfinished(root, role)
     if not root.is_dir():
-        raise errors.InputError(f"input {root} is not a directory: pass a training step dir or an Orbax params dir")
+        raise errors.InputError(f"{role} {root} is not a directory: pass a training step dir or an Orbax params dir")
     if (root / PARAMS_KEY).is_dir():
         assets = root / "assets"
         return Source(root=root, params_dir=root / PARAMS_KEY, assets_dir=assets if assets.is_dir() else None)
+    for child in root.iterdir():
+        if child.name.startswith(PARAMS_KEY):
+            _refuse_unfinished(child, role)
     if any((root / marker).exists() for marker in _ORBAX_MARKERS):
         return Source(root=root, params_dir=root, assets_dir=None)
     if steps := sorted((p.name for p in root.iterdir() if p.name.isdigit() and p.is_dir()), key=int):
         raise errors.InputError(
-            f"input {root} holds training steps {', '.join(steps)}: pass one, e.g. {root / steps[-1]}"
+            f"{role} {root} holds training steps {', '.join(steps)}: pass one, e.g. {root / steps[-1]}"
         )
-    raise errors.InputError(f"input {root} is not an Orbax checkpoint: it has no params/ dir and no Orbax metadata")
+    if unfinished := sorted(p.name for p in root.iterdir() if _UNFINISHED.search(p.name)):
+        raise errors.InputError(
+            f"{role} {root} holds only unfinished Orbax saves ({', '.join(unfinished)}): let the run finish"
+        )
+    raise errors.InputError(f"{role} {root} is not an Orbax checkpoint: it has no params/ dir and no Orbax metadata")
 
 
 def _checkpointer(**handler_options) -> ocp.Checkpointer:
@@ -71,9 +90,20 @@ def _checkpointer(**handler_options) -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False, **handler_options))
 
 
+# TensorStore names an array by its key in the OCDBT database, e.g. "params.PaliGemma.llm.embedder.value/.zarray".
+_ARRAY_KEY = re.compile(r"\b(params(?:\.[\w-]+)+)/")
+_REPR = re.compile(r"(TensorStore|Spec)\(\{.*?\}\)")
+
+
 def _unreadable(params_dir: pathlib.Path, error: Exception) -> errors.InputError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return errors.InputError(f"cannot read checkpoint {params_dir} (truncated or corrupt?): {reason[:300]}")
+    """A read failure as one line: the parameter it hit where the text names one, and no TensorStore spec dumps."""
+    text = str(error).strip()
+    reason = _REPR.sub(r"\1(...)", text.splitlines()[0]) if text else type(error).__name__
+    where = ""
+    if match := _ARRAY_KEY.search(text):
+        parts = match[1].split(".")[1:]
+        where = f" at parameter {'/'.join(parts[:-1] if parts[-1] == VALUE_SUFFIX else parts)}"
+    return errors.InputError(f"cannot read checkpoint {params_dir}{where} (truncated or corrupt?): {reason[:300]}")
 
 
 def _metadata_tree(params_dir: pathlib.Path) -> dict:
@@ -183,53 +213,34 @@ def check_written(
 
 
 def copy_assets(source: Source, step_dir: pathlib.Path) -> None:
-    """Copies ``assets/`` (norm stats that serving needs) byte for byte."""
-    if source.assets_dir is not None:
-        shutil.copytree(source.assets_dir, step_dir / "assets")
+    """Copies ``assets/`` (norm stats that serving needs) byte for byte: regular files and dirs only.
+
+    Raises InputError for a symlink or special file inside it: a link could point anywhere on the machine (a file,
+    a whole repo), and the merge reads nothing outside its input.
+    """
+    if source.assets_dir is None:
+        return
+    for dirpath, dirnames, filenames in os.walk(source.assets_dir):
+        for name in dirnames + filenames:
+            path = pathlib.Path(dirpath, name)
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise errors.InputError(
+                    f"{path} is a symbolic link: assets/ must hold regular files only; replace the link by a copy "
+                    "of what it points to"
+                )
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise errors.InputError(f"{path} is not a regular file: assets/ must hold regular files only")
+    shutil.copytree(source.assets_dir, step_dir / "assets", symlinks=True)
 
 
-def check_output(output: str, source: Source, *, overwrite: bool) -> pathlib.Path:
-    """Resolves the output step dir, refusing one that exists (unless overwrite) or that overlaps the input."""
+def resolve_output(output: str, source: Source) -> pathlib.Path:
+    """Resolves the output step dir; raises OutputError if it lies inside, contains or is the input."""
     target = pathlib.Path(output).expanduser().resolve()
     if target == source.root or source.root in target.parents:
         raise errors.OutputError(f"output {target} lies inside the input {source.root}: write it elsewhere")
     if target in source.root.parents:
         raise errors.OutputError(f"output {target} contains the input {source.root}: write it elsewhere")
-    if target.exists() and not overwrite:
-        raise errors.OutputError(f"output {target} already exists: remove it or pass --config.overwrite=True")
-    if target.exists() and not target.is_dir():
-        raise errors.OutputError(f"output {target} exists and is not a directory")
+    if target.exists() and os.path.samefile(target, source.root):  # A bind mount of the input, say.
+        raise errors.OutputError(f"output {target} is the input {source.root} under another name: write elsewhere")
     return target
-
-
-@contextlib.contextmanager
-def staged_output(target: pathlib.Path) -> Iterator[pathlib.Path]:
-    """Yields a hidden staging dir beside ``target`` that becomes ``target`` only if the block completes.
-
-    A failed or interrupted run removes the staging dir; a killed one leaves a hidden ``.<name>.openpi-merge-tmp-*``
-    dir, never anything at ``target``, and the next run for the same target removes it. In a multi-process run every
-    process writes into the same staging dir and process 0 alone prepares, commits and removes it, between barriers.
-    """
-    primary = distributed.is_primary()
-    staging = target.parent / f".{target.name}{_STAGING}{distributed.shared_token()}"
-    if primary:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{target.name}{_STAGING}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        staging.mkdir()
-    distributed.barrier("staging-ready")
-    try:
-        yield staging
-        distributed.barrier("staging-written")
-        if primary:
-            if target.exists():
-                retired = staging.with_name(staging.name + "-old")
-                os.replace(target, retired)
-                os.replace(staging, target)
-                shutil.rmtree(retired)
-            else:
-                os.replace(staging, target)
-        distributed.barrier("committed")
-    finally:
-        if primary and staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)

@@ -1,6 +1,7 @@
 """The merge config: an ml_collections ConfigDict for the command line, read into frozen, validated settings."""
 
 import dataclasses
+import math
 import re
 
 import ml_collections
@@ -18,7 +19,7 @@ MODEL_EXPERTS: dict[str, dict[str, str]] = {
 }
 # openpi names the action expert's modules with this suffix (q_einsum_1, mlp_1, ...); PaliGemma's have none.
 EXPERT_SUFFIXES = {"paligemma": "", "action_expert": "_1"}
-MODES = ("merge", "inspect")
+MODES = ("merge", "inspect", "check")
 # dtype of merged kernels by config name; None keeps each kernel's own.
 OUTPUT_DTYPES = {"keep": None, "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -52,7 +53,9 @@ def make_config(model: str) -> ml_collections.ConfigDict:
     config.output = ""  # The new step dir to write; it must not exist unless overwrite is set.
     config.overwrite = False
     config.dtype = "keep"  # dtype of merged kernels: keep (the kernel's own), float32 or bfloat16.
-    config.mode = "merge"  # merge, or inspect: print the plan from metadata alone and write nothing.
+    # merge; inspect: print the plan from metadata alone, write nothing; check: compare the step dir at input with
+    # the manifest openpi-merge wrote into it.
+    config.mode = "merge"
     config.verify = True  # Probe every merged kernel against its LoRA path before anything is committed.
     config.verify_reload = False  # Re-read the written checkpoint and compare it bit for bit before committing.
     config.reference = ""  # A base checkpoint (e.g. openpi's pi0_base params) whose tree the output must match.
@@ -135,8 +138,8 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
         axes = tuple(expert.lora_axes)
         if len(axes) != 2 or not all(isinstance(a, int) for a in axes) or axes[0] == axes[1]:
             raise errors.ConfigError(f"{field}.lora_axes={axes} must be two different kernel axes, e.g. (-2, -1)")
-        if expert.alpha is not None and not expert.alpha > 0:
-            raise errors.ConfigError(f"{field}.alpha={expert.alpha} must be positive")
+        if expert.alpha is not None and not 0 < expert.alpha < math.inf:
+            raise errors.ConfigError(f"{field}.alpha={expert.alpha} must be a positive finite number")
         experts[EXPERT_SUFFIXES[field]] = ExpertSettings(
             field=field,
             variant=variants.get(expert.variant, field=f"{field}.variant"),
@@ -145,8 +148,10 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
             lora_axes=axes,
         )
     mesh = parse_mesh(config.mesh)
-    if not config.memory_budget_gb >= 0:
-        raise errors.ConfigError(f"memory_budget_gb={config.memory_budget_gb} must be positive (or 0: no budget)")
+    if not 0 <= config.memory_budget_gb < math.inf:
+        raise errors.ConfigError(
+            f"memory_budget_gb={config.memory_budget_gb} must be a positive finite number (or 0: no budget)"
+        )
     return Settings(
         model=config.model,
         input=config.input,

@@ -1,5 +1,6 @@
 """What a run did, collected as it goes, and written as JSON for batch jobs (``--config.report=PATH.json``)."""
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -9,7 +10,7 @@ import platform
 
 import jax
 
-from openpi_merge import fuse, plan, summary
+from openpi_merge import errors, fuse, plan, summary
 
 _PACKAGES = ("openpi-merge", "jax", "jaxlib", "flax", "orbax-checkpoint", "tensorstore", "numpy", "ml_dtypes")
 
@@ -23,6 +24,7 @@ class Outcome:
     checks: list[fuse.Check] = dataclasses.field(default_factory=list)
     output: pathlib.Path | None = None
     devices: str | None = None  # Where the arrays lived: one device, or a mesh over every process's devices.
+    details: list[str] = dataclasses.field(default_factory=list)  # Summary lines beyond the table: devices, notes.
 
 
 def _leaf(leaf: plan.Leaf) -> dict:
@@ -57,7 +59,7 @@ def _versions() -> dict[str, str]:
 
 
 def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: str | None) -> None:
-    """Writes the report atomically (a reader never sees half a file)."""
+    """Writes the report atomically (a reader never sees half a file); raises EnvironmentFaultError if it cannot."""
     merge_plan = outcome.merge_plan
     document = {
         "status": "ok" if exit_code == 0 else "error",
@@ -85,7 +87,14 @@ def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: s
         "versions": _versions(),
     }
     target = pathlib.Path(path).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.tmp")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(partial, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(document, indent=2) + "\n")
+        os.replace(partial, target)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise errors.environment_fault(e, target, "cannot write the report") or errors.EnvironmentFaultError(
+            f"cannot write the report {target}: {e.strerror or e}"
+        ) from e

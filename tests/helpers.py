@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -14,12 +15,67 @@ from flax import traverse_util
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
-    """Runs ``python -m openpi_merge`` as a user would, from the repo root."""
+def _env(hook: str | None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("OPENPI_MERGE_TEST_HOOK", None)
+    if hook:
+        env["OPENPI_MERGE_TEST_HOOK"] = hook  # See openpi_merge.commit.test_point.
+    return env
+
+
+def run_cli(*args: str, cwd: pathlib.Path = REPO, hook: str | None = None) -> subprocess.CompletedProcess:
+    """Runs ``python -m openpi_merge`` as a user would, from the repo root; ``hook``: a test hook to set."""
     return subprocess.run(
-        [sys.executable, "-m", "openpi_merge", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "openpi_merge", *args],
+        cwd=cwd,
+        env=_env(hook),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
+
+
+def start_cli(*args: str, hook: str | None = None) -> subprocess.Popen:
+    """Starts ``python -m openpi_merge`` without waiting for it; ``communicate()`` gives (stdout, stderr)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "openpi_merge", *args],
+        cwd=REPO,
+        env=_env(hook),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path: pathlib.Path, process: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    """Waits until ``path`` exists; fails if ``process`` ends first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the run ended before {path.name} appeared: {process.communicate()}")
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+def error_line(returncode: int, stderr: str, want_code: int, message: str) -> str:
+    """Asserts a clean failure: the exit code, no traceback, exactly one error line holding ``message``."""
+    assert returncode == want_code, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("openpi-merge: error:")]
+    assert len(lines) == 1, stderr
+    assert message in lines[0], lines[0]
+    return lines[0]
+
+
+def tree_hashes(root: pathlib.Path) -> dict[str, str]:
+    """sha256 of every file under root (hidden ones too), a marker per dir and the target of each link, by path."""
+
+    def entry(p: pathlib.Path) -> str:
+        if p.is_symlink():
+            return f"link to {os.readlink(p)}"
+        return "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+
+    return {str(p.relative_to(root)): entry(p) for p in sorted(root.rglob("*"))}
 
 
 def stored_paths(params_dir: pathlib.Path) -> list[tuple[str, ...]]:

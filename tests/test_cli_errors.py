@@ -7,7 +7,7 @@ import pytest
 from flax import traverse_util
 from helpers import file_hashes, run_cli, write_params
 
-from openpi_merge import checkpoint, errors, synthetic
+from openpi_merge import errors, synthetic
 
 LLM = ("PaliGemma", "llm", "layers")
 
@@ -46,10 +46,27 @@ def test_checkpoint_dir_instead_of_a_step_dir(tiny_checkpoint, tmp_path):
     _assert_fails(_merge(step.parent, tmp_path / "out"), errors.InputError, f"pass one, e.g. {step}")
 
 
-def test_unfinished_orbax_save(tiny_checkpoint, tmp_path):
-    unfinished = tmp_path / "1000.orbax-checkpoint-tmp-7"
+@pytest.mark.parametrize(
+    "name", ["1000.orbax-checkpoint-tmp-7", "1000.orbax-checkpoint-tmp"], ids=["orbax-0.11", "orbax-0.12"]
+)
+def test_unfinished_orbax_save(tiny_checkpoint, tmp_path, name):
+    unfinished = tmp_path / name
     shutil.copytree(tiny_checkpoint("pi0"), unfinished)
     _assert_fails(_merge(unfinished, tmp_path / "out"), errors.InputError, "unfinished Orbax save")
+    assert not (tmp_path / "out").exists()
+
+
+def test_step_dir_whose_params_save_did_not_finish(tiny_checkpoint, tmp_path):
+    step = tmp_path / "1000"
+    shutil.copytree(tiny_checkpoint("pi0"), step)
+    (step / "params").rename(step / "params.orbax-checkpoint-tmp-1712")
+    result = _merge(step, tmp_path / "out")
+    _assert_fails(result, errors.InputError, "params.orbax-checkpoint-tmp-1712 is an unfinished")
+
+
+def test_missing_reference_is_called_the_reference(tiny_checkpoint, tmp_path):
+    result = _merge(tiny_checkpoint("pi0"), tmp_path / "out", f"--config.reference={tmp_path / 'base'}")
+    _assert_fails(result, errors.InputError, f"reference {tmp_path / 'base'} does not exist")
 
 
 @pytest.mark.parametrize("damage", ["truncated-data", "garbled-metadata"])
@@ -124,7 +141,7 @@ def test_output_exists_unless_overwrite(tiny_checkpoint, tmp_path):
     _assert_fails(_merge(tiny_checkpoint("pi0"), out), errors.OutputError, "already exists")
     assert (out / "keep.txt").read_text() == "mine"
     assert _merge(tiny_checkpoint("pi0"), out, "--config.overwrite=True").returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == ["assets", "params"]
+    assert sorted(p.name for p in out.iterdir()) == ["assets", "openpi_merge_manifest.json", "params"]
 
 
 def test_output_inside_input(tiny_checkpoint, tmp_path):
@@ -153,6 +170,8 @@ def test_variant_without_lora_for_an_expert_that_has_it(tiny_checkpoint, tmp_pat
         ("--config.dtype=float16", "dtype='float16' is not one of"),
         ("--config.no_such_field=1", "no_such_field"),
         ("--config.paligemma.alpha=abc", "could not convert string to float"),
+        ("--config.paligemma.alpha=inf", "paligemma.alpha=inf must be a positive finite number"),
+        ("--config.memory_budget_gb=inf", "memory_budget_gb=inf must be a positive finite number"),
     ],
 )
 def test_bad_config(tiny_checkpoint, tmp_path, override, message):
@@ -163,21 +182,3 @@ def test_missing_config_fields_and_files(tmp_path):
     _assert_fails(run_cli("--config=configs/pi0_lora.py"), errors.ConfigError, "no input given")
     _assert_fails(run_cli("--config=configs/nope.py"), errors.ConfigError, "nope.py")
     _assert_fails(run_cli(), errors.ConfigError, "no config given")
-
-
-def test_failed_save_leaves_nothing_that_looks_like_a_checkpoint(tmp_path):
-    def interrupted_save():
-        with checkpoint.staged_output(tmp_path / "out") as staging:
-            (staging / "params").mkdir()
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        interrupted_save()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_stale_staging_of_a_killed_run_is_removed(tiny_checkpoint, tmp_path):
-    stale = tmp_path / ".out.openpi-merge-tmp-deadbeef"
-    (stale / "params").mkdir(parents=True)
-    assert _merge(tiny_checkpoint("pi0"), tmp_path / "out").returncode == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

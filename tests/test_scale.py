@@ -126,7 +126,7 @@ def test_partition_spec_rule(shape, mesh, spec):
         ("mesh", "fsdp=-1,tp=-1", "only one axis may be -1"),
         ("mesh", "fsdp=2,fsdp=2", "names an axis twice"),
         ("distributed.enabled", True, "needs a mesh"),
-        ("memory_budget_gb", -1.0, "must be positive"),
+        ("memory_budget_gb", -1.0, "must be a positive finite number"),
     ],
 )
 def test_bad_scale_config(field, value, message):
@@ -157,7 +157,7 @@ def test_two_processes_write_what_one_writes_and_a_killed_run_commits_nothing(
     step, out = tiny_checkpoint(MODEL), tmp_path / "merged"
     processes = _start_processes(step, out)
     deadline = time.monotonic() + 300
-    while not list(tmp_path.glob(".merged.openpi-merge-tmp-*")):  # Process 0 made the staging dir: saving begins.
+    while not list(tmp_path.glob(".merged.openpi-merge-staging-*")):  # Process 0 made the staging dir: saving begins.
         assert all(p.poll() is None for p in processes), "the run ended before it staged its output"
         assert time.monotonic() < deadline
         time.sleep(0.005)

@@ -1,0 +1,213 @@
+"""The integrity manifest of a merged step dir, and the check that a copy still matches it (``--config.mode=check``).
+
+Orbax's format carries no checksums: a flipped byte in an array chunk reads back as a wrong weight, silently. So every
+step dir openpi-merge writes carries ``openpi_merge_manifest.json`` beside ``params/`` and ``assets/`` (openpi's
+loader reads only those two, so serving and conversion ignore it)::
+
+    {"format": "openpi-merge-manifest/1", "value_suffix": true,
+     "params": {"PaliGemma/llm/layers/attn/q_einsum/w": {"shape": [...], "dtype": "bfloat16", "sha256": "..."}, ...},
+     "assets": {"<asset_id>/norm_stats.json": {"bytes": 1234, "sha256": "..."}, ...}}
+
+A parameter's ``sha256`` is that of its array's bytes in C order, as ``numpy.ndarray.tobytes()`` gives them, of the
+array as it was handed to Orbax to write: whoever restores the checkpoint can recompute it with numpy and hashlib.
+The digests are computed while the output is written, and the same pass checks that kept float leaves hold no NaN or
+Inf (merged kernels are checked by the fuse). ``check`` re-reads a step dir, a group of leaves at a time, and
+compares the tree, every digest and every asset; it raises NumericsError naming the first parameter or file that
+differs, InputError if there is no readable manifest.
+
+This protects what openpi-merge writes, from the moment it is written: it cannot vouch for an input, whose format
+has nothing to compare against.
+"""
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from openpi_merge import checkpoint, errors, plan, sharding
+
+FILENAME = "openpi_merge_manifest.json"
+FORMAT = "openpi-merge-manifest/1"
+_CHUNK_BYTES = 64 * 2**20  # Hashed and checked a chunk at a time: the finiteness test needs a bool per element.
+_WORKERS = max(2, os.cpu_count() or 2)  # hashlib and numpy release the GIL on large buffers.
+
+
+def _host(array: jax.Array | np.ndarray) -> np.ndarray:
+    """The whole array on this host: a view where JAX allows one; across processes, gathered from all of them."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.ascontiguousarray(np.asarray(array))
+
+
+def _digest(array: np.ndarray, *, finite: bool) -> tuple[str, bool]:
+    """sha256 of the array's C-order bytes, and (if ``finite``) whether it holds no NaN or Inf."""
+    flat = array.reshape(-1)
+    step = max(1, _CHUNK_BYTES // max(1, array.itemsize))
+    digest, ok = hashlib.sha256(), True
+    for start in range(0, flat.size, step):
+        chunk = flat[start : start + step]
+        digest.update(memoryview(chunk.view(np.uint8)))
+        if finite and ok:
+            ok = bool(np.isfinite(chunk).all())
+    return digest.hexdigest(), ok
+
+
+def _entry(leaf: plan.Leaf, sha256: str) -> dict:
+    return {"shape": list(leaf.shape), "dtype": leaf.dtype.name, "sha256": sha256}
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.inexact))
+
+
+class Digests:
+    """Digests of the arrays as they are written; ``add`` starts hashing in threads, ``entries`` waits for them."""
+
+    def __init__(self, check_finite: Iterable[plan.Path] = ()) -> None:
+        self._check_finite = set(check_finite)
+        self._pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="openpi-merge-digest")
+        self._pending: dict[plan.Path, tuple[plan.Leaf, concurrent.futures.Future]] = {}
+
+    def add(self, arrays: dict[plan.Path, jax.Array]) -> None:
+        """Starts hashing ``arrays`` (multi-process: every process must call this, for the same arrays)."""
+        for path, array in arrays.items():
+            leaf = plan.Leaf(path=path, shape=tuple(array.shape), dtype=np.dtype(array.dtype))
+            finite = path in self._check_finite and _is_float(leaf.dtype)
+            self._pending[path] = (leaf, self._pool.submit(_digest, _host(array), finite=finite))
+
+    def wait(self) -> None:
+        """Waits for every digest started so far; raises NumericsError for a kept leaf holding NaN or Inf."""
+        for path, (_, future) in self._pending.items():
+            if not future.result()[1]:
+                raise errors.NumericsError(
+                    f"{'/'.join(path)} holds NaN or Inf in the input: the fine-tune is broken there (this leaf is "
+                    "copied, not merged); fix or re-export the checkpoint"
+                )
+
+    def entries(self) -> dict[str, dict]:
+        self.wait()
+        return {leaf.name: _entry(leaf, future.result()[0]) for leaf, future in self._pending.values()}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _file_sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _assets(step_dir: pathlib.Path) -> dict[str, dict]:
+    root = step_dir / "assets"
+    if not root.is_dir():
+        return {}
+    return {
+        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _file_sha256(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def write(step_dir: pathlib.Path, params: dict[str, dict], *, value_suffix: bool) -> None:
+    """Writes the manifest of a step dir whose ``params/`` and ``assets/`` are written (``params``: ``entries()``)."""
+    document = {
+        "format": FORMAT,
+        "value_suffix": value_suffix,
+        "params": dict(sorted(params.items())),
+        "assets": _assets(step_dir),
+    }
+    (step_dir / FILENAME).write_text(json.dumps(document, indent=1) + "\n")
+
+
+def _read(step_dir: pathlib.Path) -> dict:
+    path = step_dir / FILENAME
+    if not path.is_file():
+        raise errors.InputError(
+            f"{step_dir} has no {FILENAME}: only step dirs written by openpi-merge (0.2 or later) can be checked"
+        )
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise errors.NumericsError(f"{path} is unreadable ({e}): the copy is damaged; copy it again") from e
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise errors.InputError(f"{path} is not an openpi-merge manifest of format {FORMAT}")
+    return document
+
+
+def _groups(leaves: list[plan.Leaf], budget_bytes: int) -> Iterator[list[plan.Leaf]]:
+    group: list[plan.Leaf] = []
+    for leaf in leaves:
+        if group and sum(x.nbytes for x in group) + leaf.nbytes > budget_bytes:
+            yield group
+            group = []
+        group.append(leaf)
+    if group:
+        yield group
+
+
+def check(
+    step_dir: pathlib.Path,
+    layout: sharding.Layout,
+    *,
+    budget_bytes: int,
+    stop: Callable[[], None] = lambda: None,
+) -> str:
+    """Confirms that ``step_dir`` holds exactly what its manifest records; returns a one-line verdict.
+
+    Reads about ``budget_bytes`` of arrays at a time (a larger leaf alone). Raises NumericsError naming the first
+    parameter or asset file that differs, InputError if the dir has no manifest or no readable checkpoint.
+    """
+    document = _read(step_dir)
+    try:
+        return _check(step_dir, document, layout, budget_bytes, stop)
+    except errors.InputError as e:  # The manifest is there, so what fails to read was damaged after the merge.
+        raise errors.NumericsError(f"{step_dir} is damaged: {e}; copy it again from the original") from e
+
+
+def _check(step_dir: pathlib.Path, document: dict, layout: sharding.Layout, budget_bytes: int, stop) -> str:
+    source = checkpoint.locate_input(str(step_dir))
+    contents = checkpoint.read_contents(source.params_dir)
+    recorded: dict[str, dict] = document["params"]
+    stored = {leaf.name: leaf for leaf in contents.leaves.values()}
+    for name in sorted(recorded.keys() | stored.keys()):
+        if name not in stored:
+            raise errors.NumericsError(f"{step_dir}: parameter {name} is in the manifest but not in params/")
+        if name not in recorded:
+            raise errors.NumericsError(f"{step_dir}: parameter {name} is in params/ but not in the manifest")
+        leaf, entry = stored[name], recorded[name]
+        if [list(leaf.shape), leaf.dtype.name] != [entry["shape"], entry["dtype"]]:
+            raise errors.NumericsError(
+                f"{step_dir}: parameter {name} is {leaf.dtype.name}{list(leaf.shape)}, the manifest says "
+                f"{entry['dtype']}{entry['shape']}"
+            )
+    for group in _groups(sorted(contents.leaves.values(), key=lambda leaf: leaf.name), budget_bytes):
+        stop()
+        arrays = checkpoint.restore(source.params_dir, contents, layout, [leaf.path for leaf in group])
+        for leaf in group:
+            sha256, _ = _digest(_host(arrays.pop(leaf.path)), finite=False)
+            if sha256 != recorded[leaf.name]["sha256"]:
+                raise errors.NumericsError(
+                    f"{step_dir}: parameter {leaf.name} differs from what openpi-merge wrote (sha256 mismatch): the "
+                    "copy is damaged; copy it again from the original"
+                )
+    assets = _assets(step_dir)
+    for name in sorted(document["assets"].keys() | assets.keys()):
+        if assets.get(name) != document["assets"].get(name):
+            raise errors.NumericsError(
+                f"{step_dir}: assets/{name} differs from what openpi-merge wrote (missing, extra or changed): the copy "
+                "is damaged; copy it again from the original"
+            )
+    return (
+        f"openpi-merge: {step_dir} matches its manifest: {len(recorded)} parameters "
+        f"({sum(leaf.nbytes for leaf in contents.leaves.values()) / 1e9:.3g} GB) and {len(assets)} asset files"
+    )

@@ -1,0 +1,208 @@
+"""One merge, as a line of named steps that hand each other values:
+
+    read_plan -> check_paths -> claim (lock) -> layout -> stage -> produce + write (+ digests) -> assets + manifest
+    -> reload check -> commit -> summary
+
+Nothing reads an array before the plan is made, the paths are checked and the output is claimed (``commit``), so
+every mistake of input, config or environment that can be seen early ends the run before its expensive part.
+
+Arrays are produced (restored, fused, verified) by ``merged_arrays`` for one group of the plan at a time: the whole
+plan by default, or, under a memory budget, the groups ``stream`` makes, each produced when Orbax's save reaches it
+(``stream.save``). ``stop`` is called at every step boundary: it raises InterruptError when a signal arrived, so an
+interrupted run stops where no Orbax write is in flight, and ``commit.staged`` removes what it had written.
+"""
+
+import dataclasses
+import functools
+import os
+import pathlib
+from collections.abc import Callable, Iterator
+
+from openpi_merge import (
+    checkpoint,
+    commit,
+    config,
+    distributed,
+    errors,
+    fuse,
+    manifest,
+    plan,
+    progress,
+    report,
+    sharding,
+    stream,
+    summary,
+)
+
+Stop = Callable[[], None]
+_CHECK_BUDGET_BYTES = 10**9  # Arrays read at a time by mode=check without a memory budget.
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    source: checkpoint.Source
+    contents: checkpoint.Contents
+
+
+def read_plan(settings: config.Settings, outcome: report.Outcome) -> Input:
+    """Reads metadata only and records the plan; with a reference, checks the output tree against it."""
+    source = checkpoint.locate_input(settings.input)
+    contents = checkpoint.read_contents(source.params_dir)
+    reference = None
+    if settings.reference:
+        reference_source = checkpoint.locate_input(settings.reference, role="reference")
+        reference = checkpoint.read_contents(reference_source.params_dir).leaves
+    outcome.merge_plan = plan.make_plan(contents.leaves, settings, reference)
+    return Input(source, contents)
+
+
+def check_report_path(path: str) -> None:
+    """Raises ConfigError unless a report can be written at ``path`` (checked before the merge, not after it)."""
+    if not path:
+        return
+    target = pathlib.Path(path).expanduser().resolve()
+    if target.is_dir():
+        raise errors.ConfigError(f"report={path!r} is a directory: name a file, e.g. {target / 'merge.json'}")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise errors.EnvironmentFaultError(f"cannot write the report {target}: {parent} is not writable")
+
+
+def inspect(settings: config.Settings, outcome: report.Outcome) -> None:
+    """Prints what a merge would do, from metadata alone; raises PlanError if the merge would hit a problem."""
+    with outcome.stopwatch.phase("plan"):
+        given = read_plan(settings, outcome)
+    print(summary.render_plan(outcome.merge_plan, given.source.params_dir))
+    outcome.merge_plan.raise_on_problems()
+
+
+def check(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str:
+    """``mode=check``: re-reads the step dir at ``input`` and compares it with its manifest."""
+    with outcome.stopwatch.phase("check"):
+        source = checkpoint.locate_input(settings.input)
+        return manifest.check(
+            source.root,
+            sharding.make_layout(settings.mesh),
+            budget_bytes=settings.memory_budget_bytes or _CHECK_BUDGET_BYTES,
+            stop=stop,
+        )
+
+
+@dataclasses.dataclass
+class _Context:
+    """What producing a group needs: where to read, how to place, what to record, when to stop."""
+
+    settings: config.Settings
+    given: Input
+    layout: sharding.Layout
+    outcome: report.Outcome
+    digests: manifest.Digests
+    fused: progress.Progress
+    stop: Stop
+
+
+def merged_arrays(ctx: _Context, group: plan.Plan, *, again: bool = False) -> fuse.Params:
+    """Restores ``group``'s leaves, fuses and verifies its pairs, and (first pass) starts their digests.
+
+    ``again``: the reload check's second pass, by the same compiled steps, without verification or progress.
+    """
+    ctx.stop()
+    whole = group is ctx.outcome.merge_plan
+    paths = None if whole else [leaf.path for leaf in group.leaves_in]
+    stopwatch = ctx.outcome.stopwatch
+    with stopwatch.phase("reload" if again else "restore"):
+        params = checkpoint.restore(ctx.given.source.params_dir, ctx.given.contents, ctx.layout, paths)
+    ctx.stop()
+
+    def after_pair(pair: plan.Pair) -> None:
+        ctx.fused.advance(pair.kernel.name)
+        ctx.stop()
+
+    with stopwatch.phase("reload" if again else "fuse"):
+        merged, checks = fuse.fuse_all(
+            group, params, ctx.layout, verify=ctx.settings.verify and not again, on_pair=None if again else after_pair
+        )
+    if not again:
+        ctx.outcome.checks += checks
+        with stopwatch.phase("digest"):
+            ctx.digests.add(merged)
+            if not whole:  # Streamed: the group's arrays are freed after its write, so its digests finish first.
+                ctx.digests.wait()
+    return merged
+
+
+def _write(ctx: _Context, params_dir: pathlib.Path) -> Iterator[fuse.Params]:
+    """Writes the merged tree to ``params_dir``; returns what the reload check compares it with, lazily."""
+    merge_plan, value_suffix = ctx.outcome.merge_plan, ctx.given.contents.value_suffix
+    if ctx.settings.memory_budget_bytes:
+        groups = stream.make_groups(merge_plan, ctx.settings.memory_budget_bytes)
+        ctx.outcome.details += stream.describe(groups, ctx.settings.memory_budget_bytes)
+        stream.save(params_dir, groups, functools.partial(merged_arrays, ctx), value_suffix=value_suffix)
+        return (merged_arrays(ctx, group, again=True) for group in groups)  # Lazy: runs only for the reload check.
+    merged = merged_arrays(ctx, merge_plan)
+    with ctx.outcome.stopwatch.phase("save"):
+        checkpoint.save(params_dir, merged, value_suffix=value_suffix)
+    return iter([merged])
+
+
+def _save_fault(error: Exception, staging: pathlib.Path) -> errors.MergeError | None:
+    """A failed write as one line, if the environment caused it (disk full, read-only, ...)."""
+    return errors.environment_fault(error, staging.parent, "cannot write the output in")
+
+
+def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str:
+    """Runs one merge and returns its summary (module docstring)."""
+    stopwatch = outcome.stopwatch
+    with stopwatch.phase("plan"):
+        given = read_plan(settings, outcome)
+        merge_plan = outcome.merge_plan
+        merge_plan.raise_on_problems()
+        target = checkpoint.resolve_output(settings.output, given.source)
+        outcome.output = target
+        check_report_path(settings.report)
+    needed = sum(leaf.nbytes for leaf in merge_plan.leaves_out)
+    with commit.claim(
+        target, overwrite=settings.overwrite, needed_bytes=needed, primary=distributed.is_primary()
+    ) as held:
+        outcome.details += [f"note: {note}" for note in held.notes]
+        layout = sharding.make_layout(settings.mesh)
+        outcome.devices = layout.describe()
+        outcome.details.insert(0, f"devices: {outcome.devices}")
+        kept_finite = [leaf.path for leaf in merge_plan.kept]
+        digests = manifest.Digests(check_finite=kept_finite)
+        ctx = _Context(
+            settings, given, layout, outcome, digests, progress.Progress("fuse", len(merge_plan.pairs)), stop
+        )
+        try:
+            token = distributed.shared_token()
+            with commit.staged(held, token, barrier=distributed.barrier, stop=stop) as staging:
+                params_dir = staging / checkpoint.PARAMS_KEY
+                try:
+                    written = _write(ctx, params_dir)
+                    with stopwatch.phase("digest"):
+                        entries = digests.entries()
+                    stop()
+                    if distributed.is_primary():
+                        with stopwatch.phase("save"):
+                            checkpoint.copy_assets(given.source, staging)
+                            manifest.write(staging, entries, value_suffix=given.contents.value_suffix)
+                except (OSError, ValueError, RuntimeError) as e:  # Orbax and TensorStore raise all three.
+                    if fault := _save_fault(e, staging):
+                        raise fault from e
+                    raise
+                if settings.verify_reload:
+                    with stopwatch.phase("reload"):
+                        checkpoint.check_written(
+                            params_dir,
+                            merge_plan.leaves_out,
+                            written,
+                            value_suffix=given.contents.value_suffix,
+                            layout=layout,
+                        )
+                stop()
+        finally:
+            digests.close()
+    rendered = summary.render(merge_plan, outcome.checks, target, stopwatch)
+    return "\n".join([rendered, *(f"  {line}" for line in outcome.details)])

@@ -1,0 +1,165 @@
+"""Faults of the environment, on real filesystems: a full tmpfs, a read-only bind mount, a bind mount of the input,
+assets that point outside the input. Each ends in one line and a documented exit code, with the input untouched,
+nothing at the output, nothing left beside it, and a rerun that succeeds once the fault is gone.
+
+The mount tests need root and mount(8); they skip with the reason elsewhere, and run on the project's CI machine.
+"""
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from flax import traverse_util
+from helpers import error_line, run_cli, start_cli, tree_hashes, wait_for, write_params
+
+from openpi_merge import errors, synthetic
+
+
+def _merge(step, out, *overrides, hook=None):
+    args = (f"--config.input={step}", f"--config.output={out}", *overrides)
+    return run_cli("--config=configs/pi0_lora.py", *args, hook=hook)
+
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def mounts():
+    """Mounts for one test, unmounted afterwards; skips where this process cannot mount."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) for a real tmpfs or bind mount")
+    mounted = []
+
+    def mount(*args: str) -> None:
+        try:
+            _mount(*args)
+        except subprocess.CalledProcessError as e:
+            pytest.skip(f"mount {' '.join(args)} failed here: {e.stderr.strip()}")
+        mounted.append(args[-1])
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", point], check=False)
+
+
+@pytest.fixture
+def input_copy(tiny_checkpoint, tmp_path):
+    """A private copy of the tiny pi0 checkpoint and its hashes, to prove it is never modified."""
+    step = tmp_path / "input" / "1000"
+    shutil.copytree(tiny_checkpoint("pi0"), step)
+    return step, tree_hashes(step)
+
+
+def _assert_nothing_written(parent, input_copy, keep=()):
+    step, before = input_copy
+    assert tree_hashes(step) == before
+    assert sorted(p.name for p in parent.iterdir()) == sorted(keep)
+
+
+def test_too_little_free_space_is_refused_before_any_array_is_read(mounts, input_copy, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk))
+    result = _merge(input_copy[0], disk / "out")
+    line = error_line(result.returncode, result.stderr, errors.EnvironmentFaultError.exit_code, "not enough free space")
+    assert str(disk / "out") in line
+    assert "restore" not in result.stdout + result.stderr
+    _assert_nothing_written(disk, input_copy)
+
+
+def test_a_disk_that_fills_up_during_the_save_ends_in_one_line(mounts, input_copy, tmp_path):
+    disk, gate = tmp_path / "disk", tmp_path / "gate"
+    disk.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=72m", "tmpfs", str(disk))  # Passes the free-space check, then gets filled.
+    run = start_cli(
+        "--config=configs/pi0_lora.py",
+        f"--config.input={input_copy[0]}",
+        f"--config.output={disk / 'out'}",
+        hook=f"staging-ready:wait:{gate}",
+    )
+    wait_for(tmp_path / "gate.reached", run)
+    filler = disk / "filler"
+    with filler.open("wb") as f:  # All but a few kB: Orbax gets past its first files before the disk is full.
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free - 16 * 1024)
+    gate.touch()
+    _, stderr = run.communicate(timeout=300)
+    line = error_line(run.returncode, stderr, errors.EnvironmentFaultError.exit_code, "no space left on the device")
+    assert str(disk) in line
+    _assert_nothing_written(disk, input_copy, keep=["filler"])
+
+    filler.unlink()
+    rerun = _merge(input_copy[0], disk / "out")
+    assert rerun.returncode == 0, rerun.stderr
+    _assert_nothing_written(disk, input_copy, keep=["out"])
+
+
+def test_a_read_only_output_directory_is_refused_before_the_merge(mounts, input_copy, tmp_path):
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    mounts("--bind", str(readonly), str(readonly))
+    mounts("-o", "remount,ro,bind", str(readonly))
+    result = _merge(input_copy[0], readonly / "out")
+    line = error_line(result.returncode, result.stderr, errors.EnvironmentFaultError.exit_code, "read-only filesystem")
+    assert str(readonly) in line
+    assert "fuse:" not in result.stderr
+    _assert_nothing_written(readonly, input_copy)
+
+
+def test_an_output_that_is_the_input_bind_mounted_is_refused(mounts, input_copy, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    mounts("--bind", str(input_copy[0]), str(out))
+    result = _merge(input_copy[0], out, "--config.overwrite=True")
+    error_line(result.returncode, result.stderr, errors.OutputError.exit_code, "is the input")
+    step, before = input_copy
+    assert tree_hashes(step) == before
+
+
+def test_a_mount_point_as_output_cannot_be_replaced(mounts, input_copy, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=8m", "tmpfs", str(out))
+    (out / "old.txt").write_text("old")
+    result = _merge(input_copy[0], out, "--config.overwrite=True")
+    error_line(result.returncode, result.stderr, errors.EnvironmentFaultError.exit_code, "is a mount point")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+@pytest.mark.parametrize("link", ["outside-file", "loop"])
+def test_a_symlink_in_assets_is_refused_and_nothing_outside_the_input_is_read(input_copy, tmp_path, link):
+    step, _ = input_copy
+    assets = next((step / "assets").iterdir())
+    if link == "outside-file":
+        secret = tmp_path / "secret.txt"
+        secret.write_text("not for the robot")
+        (assets / "extra.json").symlink_to(secret)
+    else:
+        (assets / "loop").symlink_to(assets / "loop")
+    before = tree_hashes(step)
+    result = _merge(step, tmp_path / "merged")
+    error_line(result.returncode, result.stderr, errors.InputError.exit_code, "is a symbolic link")
+    assert not (tmp_path / "merged").exists()
+    assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
+    assert tree_hashes(step) == before
+
+
+def test_a_report_path_that_is_a_directory_is_refused_before_the_merge(input_copy, tmp_path):
+    (tmp_path / "report").mkdir()
+    result = _merge(input_copy[0], tmp_path / "merged", f"--config.report={tmp_path / 'report'}")
+    error_line(result.returncode, result.stderr, errors.ConfigError.exit_code, "is a directory: name a file")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_nan_in_a_kept_leaf_exits_5_naming_it(tmp_path):
+    flat = traverse_util.flatten_dict(synthetic.make_params("pi0", "tiny"))
+    path = ("PaliGemma", "img", "embedding", "kernel")
+    flat[path] = np.asarray(flat[path]).copy()
+    flat[path].reshape(-1)[3] = np.nan
+    write_params(tmp_path / "nan" / "params", flat)
+    result = _merge(tmp_path / "nan", tmp_path / "merged")
+    error_line(result.returncode, result.stderr, errors.NumericsError.exit_code, "PaliGemma/img/embedding/kernel")
+    assert not (tmp_path / "merged").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]

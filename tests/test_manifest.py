@@ -1,0 +1,96 @@
+"""The integrity manifest (openpi_merge/manifest.py): what it records is what Orbax restores, and mode=check catches a
+damaged copy, naming the first parameter or asset file that differs."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from helpers import error_line, restore_flat, run_cli
+
+from openpi_merge import errors
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("manifest") / "merged"
+    args = (f"--config.input={tiny_checkpoint('pi0')}", f"--config.output={out}")
+    result = run_cli("--config=configs/pi0_lora.py", *args)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def _check(step, python=None):
+    args = ["--config=configs/pi0_lora.py", "--config.mode=check", f"--config.input={step}"]
+    if python is None:
+        return run_cli(*args)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([python, "-m", "openpi_merge", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _copy(merged, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(merged, copy)
+    return copy
+
+
+def test_the_manifest_holds_the_sha256_of_every_restored_array(merged):
+    document = json.loads((merged / "openpi_merge_manifest.json").read_text())
+    restored = restore_flat(merged / "params")
+    assert sorted(document["params"]) == sorted("/".join(path) for path in restored)
+    for path, array in restored.items():
+        entry = document["params"]["/".join(path)]
+        assert entry["shape"] == list(array.shape)
+        assert entry["dtype"] == array.dtype.name
+        assert entry["sha256"] == hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+    norm_stats = next((merged / "assets").rglob("norm_stats.json"))
+    entry = document["assets"][str(norm_stats.relative_to(merged / "assets"))]
+    assert entry["sha256"] == hashlib.sha256(norm_stats.read_bytes()).hexdigest()
+
+
+def test_an_intact_copy_passes_the_check(merged, tmp_path):
+    result = _check(_copy(merged, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "matches its manifest: 50 parameters" in result.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("OPENPI_MERGE_OTHER_PYTHON"), reason="set by scripts/test.sh: the other stack")
+def test_the_other_stack_checks_what_this_one_wrote(merged):
+    result = _check(merged, python=os.environ["OPENPI_MERGE_OTHER_PYTHON"])
+    assert result.returncode == 0, result.stderr
+
+
+def test_one_flipped_bit_in_an_array_chunk_is_caught_and_named(merged, tmp_path):
+    copy = _copy(merged, tmp_path)
+    data = max((copy / "params").glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)  # The array chunks.
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    data.write_bytes(bytes(blob))
+    result = _check(copy)
+    line = error_line(result.returncode, result.stderr, errors.NumericsError.exit_code, "differs from what")
+    assert "parameter PaliGemma/" in line
+
+
+def test_a_changed_asset_is_caught_and_named(merged, tmp_path):
+    copy = _copy(merged, tmp_path)
+    norm_stats = next((copy / "assets").rglob("norm_stats.json"))
+    norm_stats.write_text(norm_stats.read_text().replace("0", "1", 1))
+    result = _check(copy)
+    error_line(result.returncode, result.stderr, errors.NumericsError.exit_code, "norm_stats.json differs")
+
+
+def test_a_missing_array_is_caught(merged, tmp_path):
+    copy = _copy(merged, tmp_path)
+    document = json.loads((copy / "openpi_merge_manifest.json").read_text())
+    document["params"]["PaliGemma/extra/kernel"] = {"shape": [1], "dtype": "float32", "sha256": "0" * 64}
+    (copy / "openpi_merge_manifest.json").write_text(json.dumps(document))
+    result = _check(copy)
+    error_line(result.returncode, result.stderr, errors.NumericsError.exit_code, "PaliGemma/extra/kernel is in the man")
+
+
+def test_a_checkpoint_without_a_manifest_cannot_be_checked(tiny_checkpoint):
+    result = _check(tiny_checkpoint("pi0"))
+    error_line(result.returncode, result.stderr, errors.InputError.exit_code, "has no openpi_merge_manifest.json")

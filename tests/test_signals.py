@@ -1,0 +1,61 @@
+"""SIGINT and SIGTERM: one line, exit 130 or 143, nothing committed and nothing left beside the output, whenever they
+arrive; real signals sent to real runs."""
+
+import signal
+import time
+
+import pytest
+from helpers import error_line, file_hashes, start_cli, wait_for
+
+EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def _start(step, out, hook=None):
+    return start_cli("--config=configs/pi0_lora.py", f"--config.input={step}", f"--config.output={out}", hook=hook)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_output_is_staged_commits_nothing(tiny_checkpoint, tmp_path, signum):
+    step, out, gate = tiny_checkpoint("pi0"), tmp_path / "out", tmp_path.parent / f"{tmp_path.name}-gate"
+    before = file_hashes(step)
+    run = _start(step, out, hook=f"staging-ready:wait:{gate}")
+    wait_for(gate.with_name(gate.name + ".reached"), run)
+    run.send_signal(signum)
+    time.sleep(0.2)
+    gate.touch()  # The run goes on to its next step boundary, where it stops.
+    _, stderr = run.communicate(timeout=300)
+    error_line(run.returncode, stderr, EXIT[signum], f"interrupted by {signum.name}: nothing was committed")
+    assert list(tmp_path.iterdir()) == []
+    assert file_hashes(step) == before
+
+
+@pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
+def test_a_sigint_at_any_moment_leaves_either_nothing_or_a_complete_output(tiny_checkpoint, tmp_path, delay):
+    run = _start(tiny_checkpoint("pi0"), tmp_path / "out")
+    time.sleep(delay)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=300)
+    if run.returncode == 0:  # It had committed before the signal came.
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    else:
+        error_line(run.returncode, stderr, 130, "interrupted by SIGINT")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sigterm_just_before_the_commit_keeps_the_old_output(tiny_checkpoint, tmp_path):
+    step, out = tiny_checkpoint("pi0"), tmp_path / "out"
+    first = _start(step, out)
+    assert first.wait(timeout=300) == 0
+    old = file_hashes(out)
+    run = start_cli(
+        "--config=configs/pi0_lora.py",
+        f"--config.input={step}",
+        f"--config.output={out}",
+        "--config.overwrite=True",
+        "--config.dtype=float32",
+        hook="before-commit:term",
+    )
+    _, stderr = run.communicate(timeout=300)
+    error_line(run.returncode, stderr, 143, "interrupted by SIGTERM")
+    assert file_hashes(out) == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
