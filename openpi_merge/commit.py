@@ -253,7 +253,7 @@ def claim(target: pathlib.Path, *, overwrite: bool, needed_bytes: int, primary: 
         target.parent.mkdir(parents=True, exist_ok=True)
         fd = _lock(_hidden(target, _LOCK))
     except OSError as e:
-        raise _fault(e, target.parent, "cannot create the output's directory") from e
+        raise _fault(e, target.parent, "cannot write in the output's directory") from e
     held = Claim(target, overwrite, [], fd)
     try:
         try:

@@ -80,7 +80,13 @@ class Digests:
         for path, array in arrays.items():
             leaf = plan.Leaf(path=path, shape=tuple(array.shape), dtype=np.dtype(array.dtype))
             finite = path in self._check_finite and _is_float(leaf.dtype)
-            self._pending[path] = (leaf, self._pool.submit(_digest, _host(array), finite=finite))
+            if isinstance(array, jax.Array) and not array.is_fully_addressable:
+                # Gathered from every process: hashed at once, so one gathered copy exists at a time.
+                future: concurrent.futures.Future = concurrent.futures.Future()
+                future.set_result(_digest(_host(array), finite=finite))
+            else:
+                future = self._pool.submit(_digest, _host(array), finite=finite)
+            self._pending[path] = (leaf, future)
 
     def wait(self) -> None:
         """Waits for every digest started so far; raises NumericsError for a kept leaf holding NaN or Inf."""

@@ -8,11 +8,12 @@ The mount tests need root and mount(8); they skip with the reason elsewhere, and
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import error_line, run_cli, start_cli, tree_hashes, wait_for, write_params
+from helpers import REPO, error_line, run_cli, start_cli, tree_hashes, wait_for, write_params
 
 from openpi_merge import errors, synthetic
 
@@ -106,6 +107,28 @@ def test_a_read_only_output_directory_is_refused_before_the_merge(mounts, input_
     assert str(readonly) in line
     assert "fuse:" not in result.stderr
     _assert_nothing_written(readonly, input_copy)
+
+
+def test_an_output_directory_without_write_permission_is_refused_before_the_merge(input_copy, tmp_path):
+    """Root ignores permissions, so the run drops the capabilities that let it (CAP_DAC_OVERRIDE and friends)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv(1) to run without permission overrides")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    caps = "-dac_override,-dac_read_search"
+    setpriv = ("setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}")
+    args = (f"--config.input={input_copy[0]}", f"--config.output={locked / 'out'}")
+    result = subprocess.run(
+        [*setpriv, sys.executable, "-m", "openpi_merge", "--config=configs/pi0_lora.py", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    line = error_line(result.returncode, result.stderr, errors.EnvironmentFaultError.exit_code, "permission denied")
+    assert str(locked) in line
+    _assert_nothing_written(locked, input_copy)
 
 
 def test_an_output_that_is_the_input_bind_mounted_is_refused(mounts, input_copy, tmp_path):
