@@ -5,6 +5,7 @@ nothing at the output, nothing left beside it, and a rerun that succeeds once th
 The mount tests need root and mount(8); they skip with the reason elsewhere, and run on the project's CI machine.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -60,6 +61,13 @@ def _assert_nothing_written(parent, input_copy, keep=()):
     assert sorted(p.name for p in parent.iterdir()) == sorted(keep)
 
 
+def _assert_rerun_succeeds(input_copy, out, *overrides, keep=()):
+    """Once the fault is gone, the same merge succeeds and leaves nothing but its output beside it."""
+    result = _merge(input_copy[0], out, *overrides)
+    assert result.returncode == 0, result.stderr
+    _assert_nothing_written(out.parent, input_copy, keep=[out.name, *keep])
+
+
 def test_too_little_free_space_is_refused_before_any_array_is_read(mounts, input_copy, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -69,6 +77,8 @@ def test_too_little_free_space_is_refused_before_any_array_is_read(mounts, input
     assert str(disk / "out") in line
     assert "restore" not in result.stdout + result.stderr
     _assert_nothing_written(disk, input_copy)
+    mounts("-o", "remount,size=96m", str(disk))
+    _assert_rerun_succeeds(input_copy, disk / "out")
 
 
 def test_a_disk_that_fills_up_during_the_save_ends_in_one_line(mounts, input_copy, tmp_path):
@@ -92,9 +102,7 @@ def test_a_disk_that_fills_up_during_the_save_ends_in_one_line(mounts, input_cop
     _assert_nothing_written(disk, input_copy, keep=["filler"])
 
     filler.unlink()
-    rerun = _merge(input_copy[0], disk / "out")
-    assert rerun.returncode == 0, rerun.stderr
-    _assert_nothing_written(disk, input_copy, keep=["out"])
+    _assert_rerun_succeeds(input_copy, disk / "out")
 
 
 def test_a_read_only_output_directory_is_refused_before_the_merge(mounts, input_copy, tmp_path):
@@ -107,6 +115,8 @@ def test_a_read_only_output_directory_is_refused_before_the_merge(mounts, input_
     assert str(readonly) in line
     assert "fuse:" not in result.stderr
     _assert_nothing_written(readonly, input_copy)
+    mounts("-o", "remount,rw,bind", str(readonly))
+    _assert_rerun_succeeds(input_copy, readonly / "out")
 
 
 def test_an_output_directory_without_write_permission_is_refused_before_the_merge(input_copy, tmp_path):
@@ -129,6 +139,8 @@ def test_an_output_directory_without_write_permission_is_refused_before_the_merg
     line = error_line(result.returncode, result.stderr, errors.EnvironmentFaultError.exit_code, "permission denied")
     assert str(locked) in line
     _assert_nothing_written(locked, input_copy)
+    locked.chmod(0o755)
+    _assert_rerun_succeeds(input_copy, locked / "out")
 
 
 def test_an_output_that_is_the_input_bind_mounted_is_refused(mounts, input_copy, tmp_path):
@@ -139,6 +151,8 @@ def test_an_output_that_is_the_input_bind_mounted_is_refused(mounts, input_copy,
     error_line(result.returncode, result.stderr, errors.OutputError.exit_code, "is the input")
     step, before = input_copy
     assert tree_hashes(step) == before
+    subprocess.run(["umount", str(out)], check=True)
+    _assert_rerun_succeeds(input_copy, out, "--config.overwrite=True", keep=["input"])
 
 
 def test_a_mount_point_as_output_cannot_be_replaced(mounts, input_copy, tmp_path):
@@ -167,6 +181,9 @@ def test_a_symlink_in_assets_is_refused_and_nothing_outside_the_input_is_read(in
     assert not (tmp_path / "merged").exists()
     assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
     assert tree_hashes(step) == before
+    next(p for p in assets.iterdir() if p.is_symlink()).unlink()
+    kept = ["input", "secret.txt"] if link == "outside-file" else ["input"]
+    _assert_rerun_succeeds((step, tree_hashes(step)), tmp_path / "merged", keep=kept)
 
 
 def test_a_report_path_that_is_a_directory_is_refused_before_the_merge(input_copy, tmp_path):
@@ -174,6 +191,9 @@ def test_a_report_path_that_is_a_directory_is_refused_before_the_merge(input_cop
     result = _merge(input_copy[0], tmp_path / "merged", f"--config.report={tmp_path / 'report'}")
     error_line(result.returncode, result.stderr, errors.ConfigError.exit_code, "is a directory: name a file")
     assert not (tmp_path / "merged").exists()
+    report = tmp_path / "report" / "merge.json"
+    _assert_rerun_succeeds(input_copy, tmp_path / "merged", f"--config.report={report}", keep=["input", "report"])
+    assert json.loads(report.read_text())["exit_code"] == 0
 
 
 def test_nan_in_a_kept_leaf_exits_5_naming_it(tmp_path):

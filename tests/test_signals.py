@@ -27,6 +27,9 @@ def test_a_signal_while_the_output_is_staged_commits_nothing(tiny_checkpoint, tm
     error_line(run.returncode, stderr, EXIT[signum], f"interrupted by {signum.name}: nothing was committed")
     assert list(tmp_path.iterdir()) == []
     assert file_hashes(step) == before
+    rerun = _start(step, out)
+    assert rerun.wait(timeout=300) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 @pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
