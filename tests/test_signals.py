@@ -28,7 +28,8 @@ def test_a_signal_while_the_output_is_staged_commits_nothing(tiny_checkpoint, tm
     assert list(tmp_path.iterdir()) == []
     assert file_hashes(step) == before
     rerun = _start(step, out)
-    assert rerun.wait(timeout=300) == 0
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -48,7 +49,8 @@ def test_a_sigint_at_any_moment_leaves_either_nothing_or_a_complete_output(tiny_
 def test_a_sigterm_just_before_the_commit_keeps_the_old_output(tiny_checkpoint, tmp_path):
     step, out = tiny_checkpoint("pi0"), tmp_path / "out"
     first = _start(step, out)
-    assert first.wait(timeout=300) == 0
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
     old = file_hashes(out)
     run = start_cli(
         "--config=configs/pi0_lora.py",
