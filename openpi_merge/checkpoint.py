@@ -19,10 +19,8 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from openpi_merge import distributed, errors, plan, sharding
+from openpi_merge.openpi_layout import PARAMS_KEY, VALUE_SUFFIX
 
-PARAMS_KEY = "params"
-# nnx.State saves every parameter as {"value": array}; openpi's restore_params strips it only when every path has it.
-VALUE_SUFFIX = "value"
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 _UNFINISHED = re.compile(r"\.orbax-checkpoint-tmp-\d+$")
 _STAGING = ".openpi-merge-tmp-"
