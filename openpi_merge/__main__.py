@@ -149,8 +149,9 @@ def _resolve_example(settings: config.Settings):
             output = pathlib.Path(settings.output).expanduser().resolve()
             directory, kept = output.with_name(f"{output.name}.input"), True
             if directory.exists():
-                if not settings.overwrite:
-                    raise errors.OutputError(f"{directory} exists: remove it or pass --config.overwrite=True")
+                # Replaced only when it holds nothing but step dirs, as an earlier example run left it.
+                if not settings.overwrite or not all(p.name.isdigit() for p in directory.iterdir()):
+                    raise errors.OutputError(f"{directory} exists and is not an earlier example's input: remove it")
                 shutil.rmtree(directory)
         else:
             directory = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="openpi-merge-example-")))
