@@ -1,16 +1,5 @@
-"""The built-in example: writes a tiny synthetic pi0 LoRA checkpoint and merges it, no download.
+"""Wraps the shipped config `openpi_merge/configs/example.py` (`--config=example` from anywhere)."""
 
-Pass another model as the config argument: ``--config=configs/example.py:pi05``.
-"""
+from openpi_merge.configs.example import get_config
 
-import ml_collections
-
-from openpi_merge import config
-
-
-def get_config(model: str = "pi0") -> ml_collections.ConfigDict:
-    example = config.make_config(model)
-    example.input = f"example:{model}"
-    example.output = f"merged_example_{model}"
-    example.overwrite = True
-    return example
+__all__ = ["get_config"]

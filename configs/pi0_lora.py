@@ -1,9 +1,5 @@
-"""Merge a pi0 LoRA fine-tune (openpi's stock LoRA variants) into a checkpoint for the base pi0 config."""
+"""Wraps the shipped config `openpi_merge/configs/pi0_lora.py` (`--config=pi0_lora` from anywhere)."""
 
-import ml_collections
+from openpi_merge.configs.pi0_lora import get_config
 
-from openpi_merge import config
-
-
-def get_config() -> ml_collections.ConfigDict:
-    return config.make_config("pi0")
+__all__ = ["get_config"]

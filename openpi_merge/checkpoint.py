@@ -20,10 +20,8 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from openpi_merge import errors, plan, sharding
+from openpi_merge.openpi_layout import PARAMS_KEY, VALUE_SUFFIX
 
-PARAMS_KEY = "params"
-# nnx.State saves every parameter as {"value": array}; openpi's restore_params strips it only when every path has it.
-VALUE_SUFFIX = "value"
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 # An Orbax save that did not finish: orbax-checkpoint 0.11.x names it <name>.orbax-checkpoint-tmp-<N>, 0.12 and later
 # <name>.orbax-checkpoint-tmp. On object storage it is a prefix without commit_success.txt (see ``storage``).

@@ -1,97 +1,137 @@
-"""The merge config: an ml_collections ConfigDict for the command line, read into frozen, validated settings."""
+"""The merge config: an ml_collections ConfigDict for the command line, read into frozen, validated settings.
+
+``FIELDS`` is the one source of every field: its default, and its meaning as ``--help`` and the README table show it.
+Each expert's LoRA settings are resolved here, each with where it came from: the command line, openpi's own config
+(when openpi is importable: ``openpi_config``), or the built-in table of openpi's stock variants.
+"""
 
 import dataclasses
 import math
+import pathlib
 import re
+from typing import Any
 
 import ml_collections
 import ml_dtypes
 import numpy as np
 from ml_collections import config_dict
 
-from openpi_merge import errors, variants
+from openpi_merge import errors, openpi_config, openpi_layout
 
-# The model families openpi fine-tunes with LoRA, and the LoRA variants of their experts in openpi's configs.
-MODEL_EXPERTS: dict[str, dict[str, str]] = {
-    "pi0": {"paligemma": "gemma_2b_lora", "action_expert": "gemma_300m_lora"},
-    "pi05": {"paligemma": "gemma_2b_lora", "action_expert": "gemma_300m_lora"},
-    "pi0_fast": {"paligemma": "gemma_2b_lora"},
-}
-# openpi names the action expert's modules with this suffix (q_einsum_1, mlp_1, ...); PaliGemma's have none.
-EXPERT_SUFFIXES = {"paligemma": "", "action_expert": "_1"}
 MODES = ("merge", "inspect", "check")
 # dtype of merged kernels by config name; None keeps each kernel's own.
 OUTPUT_DTYPES = {"keep": None, "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+EXPERT = "{expert}"  # In a field name: each expert of the model (paligemma, action_expert).
 
 MeshSpec = tuple[tuple[str, int], ...]  # (axis name, size) in order; one size may be -1.
 _MESH_AXIS = re.compile(r"([A-Za-z_]\w*)=(-1|[1-9]\d*)")
 
 
-def parse_mesh(text: str) -> MeshSpec:
-    """Parses ``"fsdp=4,tp=2"``; the empty string is no mesh (one device)."""
-    if not text.strip():
-        return ()
-    axes = []
-    for part in text.split(","):
-        match = _MESH_AXIS.fullmatch(part.strip())
-        if not match:
-            raise errors.ConfigError(f"mesh={text!r}: {part.strip()!r} is not NAME=SIZE (SIZE a positive int or -1)")
-        axes.append((match[1], int(match[2])))
-    names = [name for name, _ in axes]
-    if len(set(names)) != len(names):
-        raise errors.ConfigError(f"mesh={text!r} names an axis twice")
-    if sum(size == -1 for _, size in axes) > 1:
-        raise errors.ConfigError(f"mesh={text!r}: only one axis may be -1")
-    return tuple(axes)
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config field: ``value`` is its default, or a type for a field unset by default (a placeholder of that type:
+    a new one per field, since ml_collections links fields that share a placeholder); ``shown`` the default as the
+    help shows it."""
+
+    name: str
+    value: Any
+    shown: str
+    meaning: str
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("model", None, "per config", "`pi0`, `pi05` or `pi0_fast`: which experts exist"),
+    Field("input", "", "(required)", "a training step dir holding `params/`, or a bare Orbax params dir; "
+          "`example:<model>` writes a tiny synthetic one next to the output"),
+    Field("output", "", "(required)", "the step dir to write; must not exist unless `overwrite`, must not overlap the "
+          "input"),
+    Field("overwrite", False, "`False`", "replace an existing output (only once the new one is complete)"),
+    Field("train_config", str, "from the input path", "an openpi TrainConfig name (e.g. "
+          "`pi0_libero_low_mem_finetune`): model, variants and LoRA configs come from openpi's own code (openpi must "
+          "be importable). Unset: taken from an input path `<base>/<config name>/<exp>/<step>` that openpi knows"),
+    Field("dtype", "keep", "`keep`", "dtype of merged kernels: `keep` (the kernel's own, bfloat16 in a LoRA "
+          "fine-tune), `float32`, `bfloat16`"),
+    Field("mode", "merge", "`merge`", "`merge`; `inspect`: read metadata only, print every pair and where each "
+          "setting came from, and every problem the merge would hit, write nothing; `check`: re-read the step dir at "
+          "`input` (a merged output or a copy of one) and compare every array and asset file with the manifest the "
+          "merge wrote into it"),
+    Field("verify", True, "`True`", "before anything is committed, run random probes through each module's own "
+          "forward equation, LoRA path vs merged kernel; fail beyond what rounding explains"),
+    Field("verify_reload", False, "`False`", "re-read the written checkpoint and compare it bit for bit before "
+          "committing"),
+    Field("reference", "", '`""`', "a base checkpoint (e.g. openpi's `pi0_base`) whose tree, shapes and dtypes the "
+          "output must match, checked before any array is read"),
+    Field("report", "", '`""`', "write a JSON report here: config, settings and their sources, plan, verification "
+          "and rounding per pair, provenance, seconds per phase, versions, exit status"),
+    Field("progress", True, "`True`", "progress on stderr with elapsed time and ETA: a bar on a terminal, a line "
+          "every 10 s otherwise; `False`: quiet"),
+    Field(f"{EXPERT}.variant", str, "train_config's, else the stock LoRA variant",
+          "openpi Gemma variant of the expert (`gemma_2b_lora` for paligemma, `gemma_300m_lora` for the action "
+          "expert); read through openpi's `get_config` when openpi is importable"),
+    Field(f"{EXPERT}.alpha", float, "the variant's", "LoRA alpha of the attention LoRAConfig "
+          "used in training (scale `alpha / rank`); not stored in checkpoints. FFN LoRA is unscaled: no alpha"),
+    Field(f"{EXPERT}.rslora", bool, "the variant's", "rank-stabilised LoRA: scale "
+          "`alpha / sqrt(rank)`"),
+    Field(f"{EXPERT}.lora_axes", tuple, "the variant's (`(-2, -1)`)", "openpi's "
+          "`LoRAConfig.axes` for the attention Einsum modules"),
+    Field("mesh", "", '`""`', "device mesh, e.g. `fsdp=-1` or `fsdp=4,tp=2` (`-1`: the devices the other axes leave); "
+          "empty: one device. See Scale in the README"),
+    Field("memory_budget_gb", 0.0, "`0`", "`> 0`: restore, fuse and write group by group within about this much "
+          "memory; `0`: the whole tree at once. See Scale in the README"),
+    Field("distributed.enabled", False, "`False`", "run as one process of a multi-host job "
+          "(`jax.distributed.initialize()`); needs a `mesh`"),
+    Field("distributed.coordinator_address", str, "JAX's detection", "`host:port` of "
+          "process 0's coordinator; unset, JAX detects TPU pods, SLURM, Open MPI and Kubernetes"),
+    Field("distributed.num_processes", int, "JAX's detection", "the job's process count"),
+    Field("distributed.process_id", int, "JAX's detection", "this process's index"),
+)  # fmt: skip
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    if isinstance(value, type):
+        value = config_dict.placeholder(value)
+    *parents, name = dotted.split(".")
+    for parent in parents:
+        if parent not in config:
+            config[parent] = ml_collections.ConfigDict()
+        config = config[parent]
+    config[name] = value
 
 
 def make_config(model: str) -> ml_collections.ConfigDict:
     """The config of a merge for ``model``; every field can be overridden as ``--config.<field>=<value>``."""
     config = ml_collections.ConfigDict()
-    config.model = model
-    config.input = ""  # A training step dir holding params/, or a bare Orbax params dir.
-    config.output = ""  # The new step dir to write; it must not exist unless overwrite is set.
-    config.overwrite = False
-    config.dtype = "keep"  # dtype of merged kernels: keep (the kernel's own), float32 or bfloat16.
-    # merge; inspect: print the plan from metadata alone, write nothing; check: compare the step dir at input with
-    # the manifest openpi-merge wrote into it.
-    config.mode = "merge"
-    config.verify = True  # Probe every merged kernel against its LoRA path before anything is committed.
-    config.verify_reload = False  # Re-read the written checkpoint and compare it bit for bit before committing.
-    config.reference = ""  # A base checkpoint (e.g. openpi's pi0_base params) whose tree the output must match.
-    config.report = ""  # Path of a JSON report (plan, checks, timings, versions, exit status), for batch jobs.
-    # Scale (see openpi_merge/sharding.py, stream.py and distributed.py).
-    config.mesh = ""  # Device mesh, e.g. "fsdp=-1" or "fsdp=4,tp=2"; empty: JAX's default device alone.
-    config.memory_budget_gb = 0.0  # > 0: restore, fuse and write group by group within about this much memory.
-    config.distributed = ml_collections.ConfigDict(
-        {
-            "enabled": False,  # Call jax.distributed.initialize(); the fields below default to JAX's cluster detection.
-            "coordinator_address": config_dict.placeholder(str),
-            "num_processes": config_dict.placeholder(int),
-            "process_id": config_dict.placeholder(int),
-        }
-    )
-    for expert, variant in MODEL_EXPERTS[model].items():
-        config[expert] = ml_collections.ConfigDict(
-            {
-                "variant": variant,
-                "alpha": config_dict.placeholder(float),  # None: the variant's alpha.
-                "rslora": False,
-                "lora_axes": (-2, -1),  # openpi's LoRAConfig.axes, for the Einsum modules.
-            }
-        )
+    for field in FIELDS:
+        value = model if field.name == "model" else field.value
+        if field.name.startswith(EXPERT):
+            for expert in openpi_layout.MODEL_EXPERTS[model]:
+                _set(config, field.name.replace(EXPERT, expert), value)
+        else:
+            _set(config, field.name, value)
     return config
+
+
+def field_name(name: str) -> str:
+    return name.replace(EXPERT, "{paligemma,action_expert}")
+
+
+def markdown_table() -> str:
+    """The fields table of the README, generated from FIELDS."""
+    rows = [f"| `{field_name(f.name)}` | {f.shown} | {f.meaning} |" for f in FIELDS]
+    return "\n".join(["| field | default | meaning |", "|---|---|---|", *rows])
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpertSettings:
-    """LoRA settings of one Gemma expert; ``alpha`` is None unless the user gave one."""
+    """LoRA settings of one Gemma expert, resolved, and where each came from (``sources``: field -> words)."""
 
     field: str
-    variant: variants.Variant
-    alpha: float | None
+    variant: openpi_layout.Variant
+    alpha: float | None  # The attention LoRA's alpha; None when the variant has no attention LoRA and none was given.
+    alpha_given: bool  # Given on the command line: then a rank that differs from the variant's is no problem.
     rslora: bool
     lora_axes: tuple[int, int]
+    sources: dict[str, str]  # "variant", "alpha", "rslora", "lora_axes" -> where it came from.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,12 +159,129 @@ class Settings:
     mesh: MeshSpec  # Empty: JAX's default device alone.
     memory_budget_bytes: int  # 0: the whole tree in memory at once.
     distributed: DistributedSettings | None  # None: a single process.
+    train_config: str | None = None  # The openpi TrainConfig the settings came from, if any.
+    train_config_source: str | None = None  # "command line" or "input path".
+    openpi: str | None = None  # Where openpi was imported from; None: not importable.
+    progress: bool = True
 
 
-def read_settings(config: ml_collections.ConfigDict) -> Settings:
-    """Validates ``config`` and returns it as typed settings."""
-    if config.model not in MODEL_EXPERTS:
-        raise errors.ConfigError(f"model={config.model!r} is not one of {', '.join(MODEL_EXPERTS)}")
+def parse_mesh(text: str) -> MeshSpec:
+    """Parses ``"fsdp=4,tp=2"``; the empty string is no mesh (one device)."""
+    if not text.strip():
+        return ()
+    axes = []
+    for part in text.split(","):
+        match = _MESH_AXIS.fullmatch(part.strip())
+        if not match:
+            raise errors.ConfigError(f"mesh={text!r}: {part.strip()!r} is not NAME=SIZE (SIZE a positive int or -1)")
+        axes.append((match[1], int(match[2])))
+    names = [name for name, _ in axes]
+    if len(set(names)) != len(names):
+        raise errors.ConfigError(f"mesh={text!r} names an axis twice")
+    if sum(size == -1 for _, size in axes) > 1:
+        raise errors.ConfigError(f"mesh={text!r}: only one axis may be -1")
+    return tuple(axes)
+
+
+def _train_spec(
+    config: ml_collections.ConfigDict, openpi: openpi_config.OpenPI | None
+) -> tuple[openpi_config.TrainSpec | None, str | None]:
+    """The openpi TrainConfig to take settings from: named, or found in the input path; and which of the two."""
+    if config.train_config:
+        if openpi is None:
+            raise errors.ConfigError(
+                f"train_config={config.train_config!r} needs openpi importable here: install openpi-merge into "
+                "openpi's environment, or pass the variants and alpha as --config.<expert>.* fields"
+            )
+        spec = openpi.train_config(config.train_config)
+        if spec is None:
+            raise errors.ConfigError(
+                f"train_config={config.train_config!r} is not one of openpi's TrainConfigs "
+                "(openpi.training.config.get_config does not know it)"
+            )
+        return spec, "command line"
+    if openpi is None or not config.input or config.input.startswith("example:"):
+        return None, None
+    step_dir = pathlib.Path(config.input).expanduser().resolve()
+    if step_dir.name == openpi_layout.PARAMS_KEY:
+        step_dir = step_dir.parent
+    name = openpi_layout.train_config_from_path(step_dir)
+    spec = openpi.train_config(name) if name else None
+    return spec, "input path" if spec else None
+
+
+def _variant(
+    model: str, name: str, field: str, openpi: openpi_config.OpenPI | None
+) -> tuple[openpi_layout.Variant, str]:
+    """A variant by name and where its LoRA configs came from: openpi's own get_config, or the stock table."""
+    if openpi is not None:
+        variant = openpi.variant(model, name)
+        if variant is None:
+            raise errors.ConfigError(f"{field}={name!r} is not a variant openpi's get_config knows")
+        return variant, openpi.describe_variant(model, name)
+    if name not in openpi_layout.STOCK_VARIANTS:
+        raise errors.ConfigError(
+            f"{field}={name!r} is not an openpi Gemma variant; known: {', '.join(openpi_layout.STOCK_VARIANTS)} "
+            "(a variant of your own needs openpi importable, or a stock name plus --config.<expert>.alpha)"
+        )
+    return openpi_layout.STOCK_VARIANTS[name], "stock"
+
+
+def _expert(
+    model: str, field: str, expert: ml_collections.ConfigDict, train: openpi_config.TrainSpec | None, openpi
+) -> ExpertSettings:
+    if expert.variant is not None:
+        name, variant_source = expert.variant, "command line"
+    elif train is not None:
+        name, variant_source = train.variants[field], f"train_config {train.name}"
+    else:
+        name, variant_source = openpi_layout.MODEL_EXPERTS[model][field], f"default for model={model}"
+    variant, table = _variant(model, name, f"{field}.variant", openpi)
+    attn = variant.attn
+    sources = {"variant": variant_source}
+
+    def pick(key: str, given: Any, from_variant: Any, hint: str) -> Any:
+        if given is not None:
+            sources[key] = "command line"
+            return given
+        if table == "stock":
+            sources[key] = f"stock default of {name}: {hint}"
+        else:
+            sources[key] = table
+        return from_variant
+
+    alpha = pick("alpha", expert.alpha, attn and attn.alpha, f"pass --config.{field}.alpha if you changed it")
+    rslora = pick("rslora", expert.rslora, bool(attn and attn.rslora), f"pass --config.{field}.rslora=True if set")
+    axes = pick(
+        "lora_axes",
+        None if expert.lora_axes is None else tuple(expert.lora_axes),
+        attn.axes if attn else (-2, -1),
+        f"pass --config.{field}.lora_axes if you changed them",
+    )
+    if len(axes) != 2 or not all(isinstance(a, int) for a in axes) or axes[0] == axes[1]:
+        raise errors.ConfigError(f"{field}.lora_axes={axes} must be two different kernel axes, e.g. (-2, -1)")
+    if alpha is not None and not 0 < alpha < math.inf:
+        raise errors.ConfigError(f"{field}.alpha={alpha} must be a positive finite number")
+    return ExpertSettings(
+        field=field,
+        variant=variant,
+        alpha=None if alpha is None else float(alpha),
+        alpha_given=expert.alpha is not None,
+        rslora=bool(rslora),
+        lora_axes=(axes[0], axes[1]),
+        sources=sources,
+    )
+
+
+def read_settings(config: ml_collections.ConfigDict, *, openpi: openpi_config.OpenPI | bool | None = True) -> Settings:
+    """Validates ``config`` and returns it as typed settings.
+
+    ``openpi``: True imports openpi if it can (``openpi_config.load``); None resolves without it (the stock table).
+    """
+    if openpi is True:
+        openpi = openpi_config.load()
+    if config.model not in openpi_layout.MODEL_EXPERTS:
+        raise errors.ConfigError(f"model={config.model!r} is not one of {', '.join(openpi_layout.MODEL_EXPERTS)}")
     if config.mode not in MODES:
         raise errors.ConfigError(f"mode={config.mode!r} is not one of {', '.join(MODES)}")
     for field in ("input", "output") if config.mode == "merge" else ("input",):
@@ -132,21 +289,17 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
             raise errors.ConfigError(f"no {field} given: pass --config.{field}=PATH")
     if config.dtype not in OUTPUT_DTYPES:
         raise errors.ConfigError(f"dtype={config.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
-    experts = {}
-    for field in MODEL_EXPERTS[config.model]:
-        expert = config[field]
-        axes = tuple(expert.lora_axes)
-        if len(axes) != 2 or not all(isinstance(a, int) for a in axes) or axes[0] == axes[1]:
-            raise errors.ConfigError(f"{field}.lora_axes={axes} must be two different kernel axes, e.g. (-2, -1)")
-        if expert.alpha is not None and not 0 < expert.alpha < math.inf:
-            raise errors.ConfigError(f"{field}.alpha={expert.alpha} must be a positive finite number")
-        experts[EXPERT_SUFFIXES[field]] = ExpertSettings(
-            field=field,
-            variant=variants.get(expert.variant, field=f"{field}.variant"),
-            alpha=expert.alpha,
-            rslora=bool(expert.rslora),
-            lora_axes=axes,
+    train, train_source = _train_spec(config, openpi)
+    if train is not None and train.model != config.model:
+        raise errors.ConfigError(
+            f"train_config {train.name} (from the {train_source}) is a {openpi_layout.MODEL_TITLES[train.model]} "
+            f"model but the config is for {openpi_layout.MODEL_TITLES[config.model]}: use "
+            f"--config={openpi_layout.MODEL_CONFIGS[train.model]}"
         )
+    experts = {
+        openpi_layout.EXPERT_SUFFIXES[field]: _expert(config.model, field, config[field], train, openpi)
+        for field in openpi_layout.MODEL_EXPERTS[config.model]
+    }
     mesh = parse_mesh(config.mesh)
     if not 0 <= config.memory_budget_gb < math.inf:
         raise errors.ConfigError(
@@ -167,6 +320,10 @@ def read_settings(config: ml_collections.ConfigDict) -> Settings:
         mesh=mesh,
         memory_budget_bytes=round(config.memory_budget_gb * 1e9),
         distributed=_read_distributed(config.distributed, mesh),
+        train_config=train and train.name,
+        train_config_source=train_source,
+        openpi=openpi and openpi.location,
+        progress=bool(config.progress),
     )
 
 

@@ -49,6 +49,8 @@ class EnvironmentFaultError(MergeError):
 class InterruptError(MergeError):
     """The run was stopped by SIGINT (exit 130) or SIGTERM (exit 143) before it committed anything."""
 
+    exit_code = 130  # SIGINT's; an instance takes its own signal's.
+
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum

@@ -4,6 +4,10 @@ With verification on, the same compiled step also runs random probe inputs throu
 equation twice, the LoRA way (kernel, then A and B as openpi applies them) and through the merged kernel as stored,
 and measures the difference against what rounding explains (see ``_verify_layer``).
 
+Whether or not it verifies, the step also measures how much of the LoRA update survived rounding to the output dtype
+(``_rounding_stats``): openpi's adapters start at normal(0.01), so an update can sit below a bfloat16 ulp of its
+kernel, and rounding the merged kernel to bfloat16 then erases it. That costs a few reductions over one layer.
+
 On a device mesh (``sharding``) the merged kernel keeps the kernel's sharding and the factors are replicated; each
 layer's update is computed whole on every device, exactly as on one device, and each device adds its own block, so the
 merged values are bit-identical whatever the mesh (a device that computed only its block of the update could round
@@ -29,11 +33,19 @@ _PROBE_TOKENS = 4  # Probe inputs per layer: each spans every input direction of
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-    """What verification measured for one pair: the worst relative output error, and that error against its bound."""
+    """What the fuse measured for one pair: verification (None when off) and what rounding left of the update."""
 
     pair: plan.Pair
-    relative_error: float  # max |y_merged - y_lora| / max |y_lora| over all probes and layers.
-    bound_ratio: float  # max |y_merged - y_lora| / (error that rounding explains); above 1 fails.
+    relative_error: float | None  # max |y_merged - y_lora| / max |y_lora| over all probes and layers.
+    bound_ratio: float | None  # max |y_merged - y_lora| / (error that rounding explains); above 1 fails.
+    changed_fraction: float = 0.0  # Share of kernel elements whose stored value the merge changed.
+    # ||stored - (W + s dW)|| / ||s dW||: the rounding error of the stored kernel against the update itself. 0: the
+    # update survived exactly; 1 or more: rounding erased as much as the update (e.g. an update below one ulp).
+    rounding_loss: float = 0.0
+
+    @property
+    def verified(self) -> bool:
+        return self.relative_error is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,15 +125,45 @@ def _verify_layer(step: _Step, x, kernel, lora_a, lora_b, merged):
     return jnp.max(diff), jnp.max(jnp.abs(y_lora)), jnp.max(diff / bound)
 
 
+_STATS = 7  # finite, max diff, max |y_lora|, bound ratio, changed fraction, |s dW|^2, |stored - W - s dW|^2.
+
+
+# Rounding is measured on evenly spaced whole rows of each layer, about this many elements (all rows of a smaller
+# layer): the figure is a ratio of sums over many similar elements, and full-layer reductions doubled the fuse's time
+# without verification at pi0 scale on CPU (XLA's CPU reductions are slow next to the rest of the step).
+_ROUNDING_SAMPLE = 1 << 20
+
+
+def _sample_rows(x):
+    rows = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+    stride = max(1, math.ceil(rows.shape[0] * rows.shape[1] / _ROUNDING_SAMPLE))
+    return rows[::stride]
+
+
+def _rounding_stats(kernel, update, out_dtype):
+    """(share of elements the merge changed, squared norm of the update, squared norm of its rounding error).
+
+    The error is the update as stored, ``stored - kernel`` (exact in float32: the two are close), against the update
+    as computed; ``stored - (kernel + update)`` would miss what the float32 sum itself already dropped. The stored
+    values are recomputed for the sampled rows by the same operations as the stored kernel, so they are identical.
+    """
+    kernel, update = _sample_rows(kernel), _sample_rows(update)
+    stored = (kernel + update).astype(out_dtype).astype(jnp.float32)
+    changed = jnp.mean((stored != kernel).astype(jnp.float32))
+    return changed, jnp.sum(jnp.square(update)), jnp.sum(jnp.square((stored - kernel) - update))
+
+
 def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes, *, whole: jax.sharding.Sharding):
     kernel, lora_a, lora_b = (x.astype(jnp.float32) for x in (kernel, lora_a, lora_b))
     delta = jax.lax.with_sharding_constraint(_einsum(step.update_equation, lora_a, lora_b), whole)
-    merged = kernel + step.scale * delta
+    update = step.scale * delta
+    merged = kernel + update
     stored = merged.astype(step.out_dtype)
-    stats = jnp.array([jnp.all(jnp.isfinite(merged)), 0.0, 0.0, 0.0], jnp.float32)
+    stats = jnp.zeros(_STATS, jnp.float32).at[0].set(jnp.all(jnp.isfinite(merged)))
+    stats = stats.at[4:].set(jnp.stack(_rounding_stats(kernel, update, step.out_dtype)))
     if step.probe_shape is not None:
         checks = _verify_layer(step, probes, kernel, lora_a, lora_b, stored.astype(jnp.float32))
-        stats = stats.at[1:].set(jnp.stack(checks))
+        stats = stats.at[1:4].set(jnp.stack(checks))
     return stored, stats
 
 
@@ -185,7 +227,7 @@ def fuse_pair(
     *,
     verify: bool = True,
     seed: int = 0,
-) -> tuple[jax.Array, Check | None]:
+) -> tuple[jax.Array, Check]:
     """Returns ``kernel + scale * dW(A, B)`` in the pair's output dtype, and the verification result if asked.
 
     ``kernel`` is consumed: its buffer becomes the merged kernel when the dtype is kept. Raises NumericsError on NaN
@@ -206,12 +248,19 @@ def fuse_pair(
         layer = steps.take_layer(target if in_place else kernel, index)
         target, layer_stats = steps.write_layer(target, layer, lora_a, lora_b, probes, index)
         stats.append(layer_stats)
-    finite, max_diff, max_output, bound_ratio = np.asarray(jnp.stack(stats)).T
+    finite, max_diff, max_output, bound_ratio, changed, update_sq, lost_sq = np.asarray(jnp.stack(stats)).T
     if not finite.all():
         raise errors.NumericsError(f"merging {pair.kernel.name} produced NaN or Inf: the input holds non-finite values")
+    rounding = {
+        "changed_fraction": float(changed.mean()),  # Every layer has the same size.
+        "rounding_loss": float(
+            np.sqrt(lost_sq.sum(dtype=np.float64)) / max(np.sqrt(update_sq.sum(dtype=np.float64)), 1e-30)
+        ),
+    }
     if not verify:
-        return target, None
-    check = Check(pair, float(max_diff.max() / max(max_output.max(), 1e-30)), float(bound_ratio.max()))
+        return target, Check(pair, None, None, **rounding)
+    relative_error = float(max_diff.max() / max(max_output.max(), 1e-30))
+    check = Check(pair, relative_error, float(bound_ratio.max()), **rounding)
     if not check.bound_ratio <= 1.0:
         raise errors.NumericsError(
             f"verification failed for {pair.kernel.name}: merged outputs differ from the LoRA path by "
@@ -221,11 +270,23 @@ def fuse_pair(
     return target, check
 
 
-def worst_by_kind(checks: list[Check]) -> dict[str, dict[str, float]]:
-    """The worst verification result per module kind."""
-    worst: dict[str, dict[str, float]] = {}
+def first_per_pair(checks: list[Check]) -> list[Check]:
+    """One check per pair, the first: a reload check fuses every pair again, and measures the same rounding."""
+    seen: dict[plan.Path, Check] = {}
     for check in checks:
-        kind = worst.setdefault(check.pair.kind.name, {"relative_error": 0.0, "bound_ratio": 0.0})
+        seen.setdefault(check.pair.kernel.path, check)
+    return list(seen.values())
+
+
+def worst_by_kind(checks: list[Check]) -> dict[str, dict[str, dict[str, float]]]:
+    """The worst verification result per expert and module kind: ``{expert: {kind: {measure: worst}}}``."""
+    worst: dict[str, dict[str, dict[str, float]]] = {}
+    for check in checks:
+        if not check.verified:
+            continue
+        kind = worst.setdefault(check.pair.expert, {}).setdefault(
+            check.pair.kind.name, {"relative_error": 0.0, "bound_ratio": 0.0}
+        )
         kind["relative_error"] = max(kind["relative_error"], check.relative_error)
         kind["bound_ratio"] = max(kind["bound_ratio"], check.bound_ratio)
     return worst
@@ -243,8 +304,7 @@ def fuse_all(
         kernel = params.pop(pair.kernel.path)
         lora_a, lora_b = params.pop(pair.lora_a.path), params.pop(pair.lora_b.path)
         params[pair.kernel.path], check = fuse_pair(pair, kernel, lora_a, lora_b, layout, verify=verify, seed=index)
-        if check is not None:
-            checks.append(check)
+        checks.append(check)
         if on_pair is not None:
             on_pair(pair)
     return params, checks

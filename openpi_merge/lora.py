@@ -1,6 +1,7 @@
 """openpi's LoRA modules and the maths that folds an adapter into its kernel.
 
-openpi applies LoRA in two module types (openpi/models/lora.py):
+The table of LoRA-carrying kernels is ``openpi_layout.MODULE_KINDS``. openpi applies LoRA in two module types
+(openpi/models/lora.py):
 
 - ``Einsum``: ``y = einsum(eqn, x, W) + s * einsum(eqn_b, einsum(eqn_a, x, A), B)`` with ``s = alpha / rank`` (or
   ``alpha / sqrt(rank)`` with rslora); eqn_a / eqn_b are eqn with the rank label put in place of one kernel axis each.
@@ -39,25 +40,19 @@ class ModuleKind:
     equation: str
     scaled: bool
 
+    @property
+    def lora_config(self) -> str:
+        """The key of openpi's ``lora_configs`` this kernel's LoRA follows: "attn" (Einsum) or "ffn" (FeedForward)."""
+        return "attn" if self.scaled else "ffn"
 
-def _einsum_kind(module: str, equation: str) -> ModuleKind:
+
+def einsum_kind(module: str, equation: str) -> ModuleKind:
     return ModuleKind(module, module, "w", "lora_a", "lora_b", equation, scaled=True)
 
 
-def _feedforward_kind(kernel: str, equation: str) -> ModuleKind:
+def feedforward_kind(kernel: str, equation: str) -> ModuleKind:
     return ModuleKind(f"mlp/{kernel}", "mlp", kernel, f"{kernel}_lora_a", f"{kernel}_lora_b", equation, scaled=False)
 
-
-# The equations are openpi's (gemma.py, gemma_fast.py). FeedForward's gating kernel (2, D, F) is used as two plain
-# dots x @ W[i]: the equation writes that as one einsum over the leading 2.
-MODULE_KINDS: tuple[ModuleKind, ...] = (
-    _einsum_kind("q_einsum", "BTD,NDH->BTNH"),
-    _einsum_kind("kv_einsum", "BSD,2KDH->2BSKH"),
-    _einsum_kind("qkv_einsum", "BSD,3KDH->3BSKH"),
-    _einsum_kind("attn_vec_einsum", "BTNH,NHD->BTD"),
-    _feedforward_kind("gating_einsum", "BTD,2DF->2BTF"),
-    _feedforward_kind("linear", "BTF,FD->BTD"),
-)
 
 # FeedForward builds its factor shapes by hand, which amounts to these axes whatever LoRAConfig.axes says.
 FEEDFORWARD_AXES = (-2, -1)

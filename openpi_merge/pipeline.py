@@ -28,6 +28,7 @@ from openpi_merge import (
     manifest,
     plan,
     progress,
+    provenance,
     report,
     sharding,
     stream,
@@ -117,7 +118,7 @@ def merged_arrays(ctx: _Context, group: plan.Plan, *, again: bool = False) -> fu
     ctx.stop()
 
     def after_pair(pair: plan.Pair) -> None:
-        ctx.fused.advance(pair.kernel.name)
+        ctx.fused.advance(pair.kernel.name, pair.kernel.nbytes)
         ctx.stop()
 
     with stopwatch.phase("reload" if again else "fuse"):
@@ -155,6 +156,7 @@ def _save_fault(error: Exception, staging: pathlib.Path) -> errors.MergeError | 
 def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str:
     """Runs one merge and returns its summary (module docstring)."""
     stopwatch = outcome.stopwatch
+    stopwatch.ticker = progress.PhaseTicker() if settings.progress else None
     with stopwatch.phase("plan"):
         given = read_plan(settings, outcome)
         merge_plan = outcome.merge_plan
@@ -172,9 +174,8 @@ def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
         outcome.details.insert(0, f"devices: {outcome.devices}")
         kept_finite = [leaf.path for leaf in merge_plan.kept]
         digests = manifest.Digests(check_finite=kept_finite)
-        ctx = _Context(
-            settings, given, layout, outcome, digests, progress.Progress("fuse", len(merge_plan.pairs)), stop
-        )
+        fused = progress.Progress("fuse", sum(p.kernel.nbytes for p in merge_plan.pairs), enabled=settings.progress)
+        ctx = _Context(settings, given, layout, outcome, digests, fused, stop)
         try:
             token = distributed.shared_token()
             with commit.staged(held, token, barrier=distributed.barrier, stop=stop) as staging:
@@ -187,6 +188,9 @@ def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
                     if distributed.is_primary():
                         with stopwatch.phase("save"):
                             checkpoint.copy_assets(given.source, staging)
+                            outcome.provenance = provenance.write(
+                                staging, provenance.make(merge_plan, input_path=given.source.root, output=target)
+                            )
                             manifest.write(staging, entries, value_suffix=given.contents.value_suffix)
                 except (OSError, ValueError, RuntimeError) as e:  # Orbax and TensorStore raise all three.
                     if fault := _save_fault(e, staging):

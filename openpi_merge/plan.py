@@ -5,9 +5,10 @@ import dataclasses
 
 import numpy as np
 
-from openpi_merge import config, errors, lora
+from openpi_merge import config, errors, lora, openpi_layout
+from openpi_merge.openpi_layout import is_lora_leaf
 
-Path = tuple[str, ...]
+Path = openpi_layout.Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,8 @@ class Plan:
     kept: tuple[Leaf, ...]  # Leaves written as they are.
     notes: tuple[str, ...]  # Things worth telling the user that do not stop the merge.
     problems: tuple[str, ...]  # Misfits that stop the merge, each naming its path.
+    model: str = ""  # The model family the plan was made for.
+    settings: config.Settings | None = None  # What it was made with (None for the groups of a streamed merge).
 
     def raise_on_problems(self) -> None:
         if self.problems:
@@ -76,18 +79,13 @@ class Plan:
         return self.kept + tuple(p.merged for p in self.pairs)
 
 
-def is_lora_leaf(path: Path) -> bool:
-    name = path[-1]
-    return name in ("lora_a", "lora_b") or name.endswith(("_lora_a", "_lora_b"))
-
-
 def _match_kind(path: Path) -> tuple[lora.ModuleKind, str] | None:
     """The module kind of a kernel path and its expert suffix, or None if it is no LoRA-capable kernel."""
     if len(path) < 2:
         return None
     module, leaf = path[-2], path[-1]
-    for kind in lora.MODULE_KINDS:
-        for suffix in config.EXPERT_SUFFIXES.values():
+    for kind in openpi_layout.MODULE_KINDS:
+        for suffix in openpi_layout.EXPERT_SUFFIXES.values():
             if leaf == kind.kernel and module == kind.module + suffix:
                 return kind, suffix
     return None
@@ -107,6 +105,7 @@ def _plan_pair(
     lora_a: Leaf,
     lora_b: Leaf,
     dtype: np.dtype | None,
+    openpi_available: bool,
 ) -> Pair:
     layer_ndim = len(lora.split_equation(kind.equation)[1])
     batch_ndim = len(kernel.shape) - layer_ndim
@@ -124,17 +123,14 @@ def _plan_pair(
                 f"needs {want}"
             )
 
-    variant = expert.variant
-    if rank != variant.rank and expert.alpha is None:
-        raise errors.PlanError(
-            f"{kernel.name} has LoRA rank {rank} but {expert.field}.variant={variant.name} has rank {variant.rank}: "
-            f"pass the alpha it was trained with, e.g. --config.{expert.field}.alpha={float(rank)}"
-        )
-    alpha = expert.alpha if expert.alpha is not None else variant.alpha
+    spec = expert.variant.lora(kind.lora_config)
     if kind.scaled:
+        if spec is not None and rank != spec.rank and not expert.alpha_given:
+            raise errors.PlanError(_rank_mismatch(kernel, rank, expert, spec, openpi_available))
+        alpha = expert.alpha
         scale = lora.scale(alpha, rank, rslora=expert.rslora)
     else:
-        alpha, scale = None, 1.0
+        alpha, scale = None, 1.0  # openpi's FeedForward adds its LoRA unscaled: no alpha, whatever the rank.
     return Pair(
         kind=kind,
         expert=expert.field,
@@ -148,6 +144,22 @@ def _plan_pair(
         update_equation=lora.update_equation(kind.equation, axes),
         batch_ndim=batch_ndim,
         out_dtype=dtype or kernel.dtype,
+    )
+
+
+def _rank_mismatch(kernel: Leaf, rank: int, expert: config.ExpertSettings, spec, openpi_available: bool) -> str:
+    """Why a rank that is not the variant's stops the merge, and the ways out (never a guessed alpha)."""
+    name, field = expert.variant.name, expert.field
+    scale = "alpha / sqrt(rank)" if expert.rslora else "alpha / rank"
+    way_out = (
+        "or name the openpi config you trained with: --config.train_config=NAME"
+        if openpi_available
+        else "or run openpi-merge inside your openpi env with --config.train_config=NAME"
+    )
+    return (
+        f"{kernel.name} has LoRA rank {rank} but {field}.variant={name} has attn rank {spec.rank}: it was trained "
+        f"with another LoRAConfig, whose alpha (the attention LoRA's scale is {scale}) is not stored in checkpoints. "
+        f"Pass the alpha of your training's attn LoRAConfig, --config.{field}.alpha=ALPHA, {way_out}"
     )
 
 
@@ -169,7 +181,13 @@ def _pair_kernel(
             f"{kernel.name} carries LoRA but {expert.field}.variant={expert.variant.name} has none: "
             f"use --config.{expert.field}.variant={expert.variant.name}_lora"
         )
-    return _plan_pair(kind, expert, kernel, leaves[a_path], leaves[b_path], settings.dtype)
+    if expert.variant.lora(kind.lora_config) is None:
+        raise errors.PlanError(
+            f"{kernel.name} carries LoRA but {expert.field}.variant={expert.variant.name} has no "
+            f"{kind.lora_config!r} LoRAConfig: name the variant you trained with"
+        )
+    openpi_available = settings.openpi is not None
+    return _plan_pair(kind, expert, kernel, leaves[a_path], leaves[b_path], settings.dtype, openpi_available)
 
 
 def make_plan(leaves: dict[Path, Leaf], settings: config.Settings, reference: dict[Path, Leaf] | None = None) -> Plan:
@@ -181,6 +199,8 @@ def make_plan(leaves: dict[Path, Leaf], settings: config.Settings, reference: di
     pairs, problems, consumed, suffixes_with_lora = [], [], set(), set()
     if not lora_paths:
         problems.append("no LoRA leaves in the checkpoint: nothing to merge (is it a base or merged one?)")
+    elif wrong_model := _wrong_model(leaves, settings):
+        problems.append(wrong_model)
     for path, kernel in leaves.items():
         match = _match_kind(path)
         if match is None:
@@ -199,7 +219,7 @@ def make_plan(leaves: dict[Path, Leaf], settings: config.Settings, reference: di
     if unpaired := sorted(lora_paths - consumed):
         problems.append(
             f"{'/'.join(unpaired[0])} is a LoRA leaf with no kernel to fold into "
-            f"(known modules: {', '.join(k.name for k in lora.MODULE_KINDS)}); {len(unpaired)} such leaves"
+            f"(known modules: {', '.join(k.name for k in openpi_layout.MODULE_KINDS)}); {len(unpaired)} such leaves"
         )
     for suffix, expert in settings.experts.items():
         if lora_paths and expert.variant.has_lora and suffix not in suffixes_with_lora:
@@ -212,7 +232,43 @@ def make_plan(leaves: dict[Path, Leaf], settings: config.Settings, reference: di
     kept = tuple(leaf for path, leaf in leaves.items() if not is_lora_leaf(path) and path not in merged)
     if reference is not None and not problems:
         problems += _reference_mismatches(kept + tuple(p.merged for p in pairs), reference)
-    return Plan(pairs=tuple(pairs), kept=kept, notes=_notes(pairs), problems=tuple(problems))
+    notes = _notes(pairs) + _ffn_rank_notes(pairs, settings)
+    return Plan(
+        pairs=tuple(pairs), kept=kept, notes=notes, problems=tuple(problems), model=settings.model, settings=settings
+    )
+
+
+_MODEL_EVIDENCE = {
+    "pi0": "an action expert (modules ending in _1) with plain RMSNorm",
+    "pi05": "an action expert whose norms carry adaRMS Dense_0 leaves",
+    "pi0_fast": "a single Gemma expert and no action projections (gemma_fast's tree)",
+}
+
+
+def _wrong_model(leaves: dict[Path, Leaf], settings: config.Settings) -> str | None:
+    """A problem when the tree is another model family's than the config's, naming the config to use."""
+    detected = openpi_layout.detect_model(leaves)
+    if detected is None or detected == settings.model:
+        return None
+    title = openpi_layout.MODEL_TITLES
+    return (
+        f"the checkpoint is a {title[detected]} model ({_MODEL_EVIDENCE[detected]}) but model={settings.model} "
+        f"({title[settings.model]}): use --config={openpi_layout.MODEL_CONFIGS[detected]}"
+    )
+
+
+def _ffn_rank_notes(pairs: list[Pair], settings: config.Settings) -> tuple[str, ...]:
+    """FFN LoRA is unscaled, so a rank that is not the variant's changes nothing in the maths: said, not stopped."""
+    notes = {}
+    for pair in pairs:
+        expert = settings.experts[openpi_layout.EXPERT_SUFFIXES[pair.expert]]
+        spec = expert.variant.lora("ffn")
+        if not pair.kind.scaled and spec is not None and pair.rank != spec.rank:
+            notes[pair.expert] = (
+                f"{pair.expert}'s MLP LoRA has rank {pair.rank}, not {expert.variant.name}'s ffn rank {spec.rank}: "
+                "FFN LoRA is unscaled, so the merge needs no alpha for it"
+            )
+    return tuple(notes.values())
 
 
 def _reference_mismatches(leaves_out: tuple[Leaf, ...], reference: dict[Path, Leaf]) -> list[str]:

@@ -10,7 +10,7 @@ import platform
 
 import jax
 
-from openpi_merge import errors, fuse, plan, summary
+from openpi_merge import errors, fuse, plan, provenance, summary
 
 _PACKAGES = ("openpi-merge", "jax", "jaxlib", "flax", "orbax-checkpoint", "tensorstore", "numpy", "ml_dtypes")
 
@@ -25,13 +25,25 @@ class Outcome:
     output: pathlib.Path | None = None
     devices: str | None = None  # Where the arrays lived: one device, or a mesh over every process's devices.
     details: list[str] = dataclasses.field(default_factory=list)  # Summary lines beyond the table: devices, notes.
+    provenance: dict | None = None  # The document written into the output step dir, once written.
 
 
 def _leaf(leaf: plan.Leaf) -> dict:
     return {"path": leaf.name, "shape": list(leaf.shape), "dtype": leaf.dtype.name}
 
 
-def _pair(pair: plan.Pair) -> dict:
+def _check(check: fuse.Check | None) -> dict | None:
+    if check is None:
+        return None
+    return {
+        "relative_error": check.relative_error,
+        "bound_ratio": check.bound_ratio,
+        "changed_fraction": check.changed_fraction,
+        "rounding_loss": check.rounding_loss,
+    }
+
+
+def _pair(pair: plan.Pair, check: fuse.Check | None) -> dict:
     return {
         "kernel": pair.kernel.name,
         "module": pair.kind.name,
@@ -45,6 +57,9 @@ def _pair(pair: plan.Pair) -> dict:
         "alpha": pair.alpha,
         "scale": pair.scale,
         "dtype": {"in": pair.kernel.dtype.name, "out": pair.out_dtype.name},
+        "check": _check(
+            check
+        ),  # Verification (None when off) and what rounding to the output dtype left of the update.
     }
 
 
@@ -59,8 +74,12 @@ def _versions() -> dict[str, str]:
 
 
 def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: str | None) -> None:
-    """Writes the report atomically (a reader never sees half a file); raises EnvironmentFaultError if it cannot."""
+    """Writes the report atomically (a reader never sees half a file); any part of ``outcome`` may still be unset.
+
+    Raises EnvironmentFaultError if the file cannot be written.
+    """
     merge_plan = outcome.merge_plan
+    checks = {check.pair.kernel.path: check for check in reversed(outcome.checks)}  # The first check of each pair.
     document = {
         "status": "ok" if exit_code == 0 else "error",
         "exit_code": exit_code,
@@ -70,7 +89,8 @@ def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: s
         "plan": None
         if merge_plan is None
         else {
-            "pairs": [_pair(p) for p in merge_plan.pairs],
+            "pairs": [_pair(p, checks.get(p.kernel.path)) for p in merge_plan.pairs],
+            "settings": provenance.experts(merge_plan),
             "kept": [_leaf(leaf) for leaf in merge_plan.kept],
             "problems": list(merge_plan.problems),
             "notes": list(merge_plan.notes),
@@ -80,7 +100,8 @@ def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: s
                 "out": sum(leaf.nbytes for leaf in merge_plan.leaves_out),
             },
         },
-        "verification": fuse.worst_by_kind(outcome.checks),
+        "verification": fuse.worst_by_kind(outcome.checks),  # Worst per expert and module kind.
+        "provenance": outcome.provenance,
         "seconds": outcome.stopwatch.seconds,
         "backend": jax.default_backend(),
         "devices": outcome.devices,

@@ -20,6 +20,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from openpi_merge import config, errors, plan
+from openpi_merge.openpi_layout import is_lora_leaf
 
 
 def _resolve_sizes(spec: config.MeshSpec, num_devices: int) -> tuple[int, ...]:
@@ -56,7 +57,7 @@ class Layout:
 
     def sharding(self, leaf: plan.Leaf) -> jax.sharding.Sharding:
         """Where ``leaf`` is restored (and, if written, written from): see the module docstring."""
-        if self.mesh is None or plan.is_lora_leaf(leaf.path):
+        if self.mesh is None or is_lora_leaf(leaf.path):
             return self.replicated
         return NamedSharding(self.mesh, partition_spec(leaf.shape, tuple(self.mesh.shape.items())))
 

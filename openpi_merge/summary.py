@@ -6,7 +6,7 @@ import pathlib
 import time
 from collections.abc import Iterator, Sequence
 
-from openpi_merge import fuse, plan
+from openpi_merge import fuse, plan, progress, provenance
 
 
 class Stopwatch:
@@ -19,6 +19,7 @@ class Stopwatch:
         self.seconds: dict[str, float] = {}
         self._running: list[str] = []
         self._since = time.perf_counter()
+        self.ticker: progress.PhaseTicker | None = None  # Shows running phases; None: quiet.
 
     def _charge(self) -> None:
         now = time.perf_counter()
@@ -31,11 +32,16 @@ class Stopwatch:
         self._charge()
         self.seconds.setdefault(name, 0.0)
         self._running.append(name)
+        ticker = self.ticker
+        if ticker is not None:
+            ticker.push(name)
         try:
             yield
         finally:
             self._charge()
             self._running.pop()
+            if ticker is not None:
+                ticker.pop(name)
 
     @property
     def total(self) -> float:
@@ -63,26 +69,76 @@ def _alpha(pair: plan.Pair) -> str:
     return "-" if pair.alpha is None else f"{pair.alpha:g}"
 
 
+# A note is due when rounding to the output dtype erased more than this share of an update (relative to its size).
+ROUNDING_NOTE_THRESHOLD = 0.25
+
+
+def _rounding_notes(checks: list[fuse.Check]) -> list[str]:
+    worst: dict[tuple[str, str], fuse.Check] = {}
+    for check in checks:
+        key = (check.pair.expert, check.pair.kind.name)
+        if key not in worst or check.rounding_loss > worst[key].rounding_loss:
+            worst[key] = check
+    return [
+        f"{check.pair.out_dtype.name} rounding erased {min(check.rounding_loss, 1):.0%} of {expert}'s {kind} LoRA "
+        f"update (rounding error against the update's size; {check.changed_fraction:.1%} of kernel elements changed): "
+        "--config.dtype=float32 keeps it"
+        for (expert, kind), check in worst.items()
+        if check.rounding_loss > ROUNDING_NOTE_THRESHOLD
+    ]
+
+
+def _pi05_path_note(merge_plan: plan.Plan, output: pathlib.Path) -> list[str]:
+    if merge_plan.model != "pi05" or "pi05" in str(output):
+        return []
+    return [
+        "openpi's PyTorch converter (examples/convert_jax_model_to_pytorch.py) picks the pi0.5 layout only when "
+        f"'pi05' is in the checkpoint path, and {output} has none: rename it or link it before converting"
+    ]
+
+
 def render(merge_plan: plan.Plan, checks: list[fuse.Check], output: pathlib.Path, stopwatch: Stopwatch) -> str:
-    """Pairs per module kind with ranks, scales and verification, leaves and bytes in and out, time per phase."""
+    """Pairs per expert and module kind with ranks, scales, verification and rounding; where each setting came from;
+    leaves and bytes in and out, time per phase."""
+    checks = fuse.first_per_pair(checks)
     worst = fuse.worst_by_kind(checks)
+    rounding: dict[tuple[str, str], tuple[float, float]] = {}
+    for check in checks:
+        key = (check.pair.expert, check.pair.kind.name)
+        changed, loss = rounding.get(key, (1.0, 0.0))
+        rounding[key] = (min(changed, check.changed_fraction), max(loss, check.rounding_loss))
     groups = collections.Counter(
         (p.expert, p.kind.name, p.rank, _alpha(p), f"{p.scale:g}", f"{p.kernel.dtype.name}->{p.out_dtype.name}")
         for p in merge_plan.pairs
     )
-    header = ("expert", "module", "rank", "alpha", "scale", "dtype", "pairs", "worst rel. error")
-    rows = [
-        (*key, count, f"{worst[key[1]]['relative_error']:.2e}" if key[1] in worst else "not verified")
-        for key, count in groups.items()
-    ]
+    header = ("expert", "module", "rank", "alpha", "scale", "dtype", "pairs", "worst rel. error", "changed", "rounding")
+    rows = []
+    for key, count in groups.items():
+        verified = worst.get(key[0], {}).get(key[1])
+        changed, loss = rounding.get(key[:2], (None, None))
+        rows.append(
+            (
+                *key,
+                count,
+                f"{verified['relative_error']:.2e}" if verified else "not verified",
+                "-" if changed is None else f"{changed:.1%}",
+                "-" if loss is None else f"{loss:.1e}",
+            )
+        )
     phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in stopwatch.seconds.items())
     return "\n".join(
         [
             f"openpi-merge: folded {len(merge_plan.pairs)} LoRA pairs into {output}",
             *_table([header, *rows]),
+            "  changed: least share of a kernel's elements the merge changed; rounding: worst rounding error of the "
+            "stored kernel against the LoRA update's size (0: kept exactly, 1: erased)",
+            *(f"  {line}" for line in provenance.settings_lines(merge_plan)),
             *_totals(merge_plan),
             f"  time:   {stopwatch.total:.2f} s ({phases})",
-            *(f"  note: {note}" for note in merge_plan.notes),
+            *(
+                f"  note: {note}"
+                for note in [*merge_plan.notes, *_rounding_notes(checks), *_pi05_path_note(merge_plan, output)]
+            ),
         ]
     )
 
@@ -101,6 +157,7 @@ def render_plan(merge_plan: plan.Plan, params_dir: pathlib.Path) -> str:
             f"openpi-merge: plan for {params_dir} (metadata only, nothing written)",
             f"  {len(pairs)} LoRA pairs to fold:",
             *(_table([header, *pairs]) if pairs else []),
+            *(f"  {line}" for line in provenance.settings_lines(merge_plan)),
             f"  {len(kept)} leaves kept as they are:",
             *(_table([("leaf", "shape", "dtype"), *kept]) if kept else []),
             *_totals(merge_plan),

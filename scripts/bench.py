@@ -124,7 +124,8 @@ def _prepare(model: str, scale: str, checkpoint_dir: str, work: str) -> None:
     """
     import jax
 
-    from openpi_merge import checkpoint, synthetic
+    from openpi_merge import checkpoint
+    from openpi_merge.testing import synthetic
 
     started = time.perf_counter()
     step = (

@@ -13,7 +13,7 @@ import time
 # Runs from a checkout without installing: the repo root goes on the path before the package is imported.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from openpi_merge import synthetic
+from openpi_merge.testing import synthetic
 
 
 def _size(path: pathlib.Path) -> int:

@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from openpi_merge import synthetic
+from openpi_merge.testing import synthetic
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# What a merged step dir holds: openpi's two parts, the provenance and the integrity manifest.
+STEP_DIR_NAMES = ["assets", "openpi_merge.json", "openpi_merge_manifest.json", "params"]
 
 
 def _env(hook: str | None) -> dict[str, str]:

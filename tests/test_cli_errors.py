@@ -5,9 +5,10 @@ import shutil
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import file_hashes, run_cli, write_params
+from helpers import STEP_DIR_NAMES, file_hashes, run_cli, write_params
 
-from openpi_merge import errors, synthetic
+from openpi_merge import errors
+from openpi_merge.testing import synthetic
 
 LLM = ("PaliGemma", "llm", "layers")
 
@@ -117,7 +118,9 @@ def test_rank_differs_from_the_named_variant(tiny_checkpoint, tmp_path):
     step = tiny_checkpoint("pi0")
     # The action expert was trained with rank 32; gemma_2b_lora's stock rank is 16.
     result = _merge(step, tmp_path / "out", "--config.action_expert.variant=gemma_2b_lora")
-    _assert_fails(result, errors.PlanError, "has LoRA rank 32 but action_expert.variant=gemma_2b_lora has rank 16")
+    _assert_fails(result, errors.PlanError, "has LoRA rank 32 but action_expert.variant=gemma_2b_lora has attn rank 16")
+    assert "--config.action_expert.alpha=ALPHA" in result.stderr
+    assert "alpha=32" not in result.stderr  # No guessed alpha: alpha = rank would be 2x off for a changed rank alone.
     explicit = _merge(
         step, tmp_path / "out", "--config.action_expert.variant=gemma_2b_lora", "--config.action_expert.alpha=32"
     )
@@ -141,7 +144,7 @@ def test_output_exists_unless_overwrite(tiny_checkpoint, tmp_path):
     _assert_fails(_merge(tiny_checkpoint("pi0"), out), errors.OutputError, "already exists")
     assert (out / "keep.txt").read_text() == "mine"
     assert _merge(tiny_checkpoint("pi0"), out, "--config.overwrite=True").returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == ["assets", "openpi_merge_manifest.json", "params"]
+    assert sorted(p.name for p in out.iterdir()) == STEP_DIR_NAMES
 
 
 def test_output_inside_input(tiny_checkpoint, tmp_path):
@@ -155,7 +158,8 @@ def test_output_inside_input(tiny_checkpoint, tmp_path):
 
 def test_action_expert_lora_with_a_single_expert_config(tiny_checkpoint, tmp_path):
     result = _merge(tiny_checkpoint("pi0"), tmp_path / "out", config="pi0_fast")
-    _assert_fails(result, errors.PlanError, "action expert, which model=pi0_fast does not have")
+    _assert_fails(result, errors.PlanError, "the checkpoint is a pi0 model")
+    assert "use --config=pi0_lora" in result.stderr
 
 
 def test_variant_without_lora_for_an_expert_that_has_it(tiny_checkpoint, tmp_path):
@@ -168,10 +172,15 @@ def test_variant_without_lora_for_an_expert_that_has_it(tiny_checkpoint, tmp_pat
     [
         ("--config.paligemma.variant=gemma_7b_lora", "is not an openpi Gemma variant"),
         ("--config.dtype=float16", "dtype='float16' is not one of"),
-        ("--config.no_such_field=1", "no_such_field"),
-        ("--config.paligemma.alpha=abc", "could not convert string to float"),
         ("--config.paligemma.alpha=inf", "paligemma.alpha=inf must be a positive finite number"),
         ("--config.memory_budget_gb=inf", "memory_budget_gb=inf must be a positive finite number"),
+        ("--config.no_such_field=1", "--config.no_such_field is not a config field"),
+        (
+            "--config.paligemma.alhpa=8",
+            "--config.paligemma.alhpa is not a config field: did you mean --config.paligemma.alpha?",
+        ),
+        ("--config.overwrite=yes", "--config.overwrite=yes: a boolean takes True or False"),
+        ("--config.paligemma.alpha=abc", "--config.paligemma.alpha=abc: could not convert string to float"),
     ],
 )
 def test_bad_config(tiny_checkpoint, tmp_path, override, message):
@@ -180,5 +189,6 @@ def test_bad_config(tiny_checkpoint, tmp_path, override, message):
 
 def test_missing_config_fields_and_files(tmp_path):
     _assert_fails(run_cli("--config=configs/pi0_lora.py"), errors.ConfigError, "no input given")
-    _assert_fails(run_cli("--config=configs/nope.py"), errors.ConfigError, "nope.py")
+    _assert_fails(run_cli("--config=configs/nope.py"), errors.ConfigError, "no such file")
+    _assert_fails(run_cli("--config=nope"), errors.ConfigError, "no shipped config 'nope'; shipped: example, pi05_lora")
     _assert_fails(run_cli(), errors.ConfigError, "no config given")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from reference import assert_rounds_to, merged_kernel
 
-from openpi_merge import config, fuse, lora, plan, sharding
+from openpi_merge import config, fuse, lora, openpi_layout, plan, sharding
 
 DEPTH = 3
 RNG = np.random.default_rng(0)
@@ -98,7 +98,7 @@ def _settings(**paligemma):
 def _merge_case(kind_name, rank, settings, lora_axes=(-2, -1), suffix=""):
     """Random kernel and factors for one module (with a depth axis), planned and fused by openpi_merge."""
     module, _, shape, _, _, _ = CASES[kind_name]
-    kind = next(k for k in lora.MODULE_KINDS if k.name == kind_name)
+    kind = next(k for k in openpi_layout.MODULE_KINDS if k.name == kind_name)
     axes = lora_axes if kind.scaled else lora.FEEDFORWARD_AXES
     shape_a, shape_b = lora.factor_shapes(shape, axes, rank)
     arrays = {

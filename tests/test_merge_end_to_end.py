@@ -8,10 +8,10 @@ import subprocess
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import REPO, file_hashes, restore_flat, run_cli, stored_paths
+from helpers import REPO, STEP_DIR_NAMES, file_hashes, restore_flat, run_cli, stored_paths
 from reference import assert_rounds_to, lora_paths, merged_kernel
 
-from openpi_merge import synthetic
+from openpi_merge.testing import synthetic
 
 STOCK_ALPHA = {"": 16.0, "_1": 32.0}  # gemma_2b_lora, gemma_300m_lora.
 
@@ -55,7 +55,7 @@ def test_merge_writes_the_base_tree_with_merged_kernels(tiny_checkpoint, tmp_pat
     result = _merge(step, out, model)
 
     assert file_hashes(step) == before, "the input checkpoint was modified"
-    assert sorted(p.name for p in out.iterdir()) == ["assets", "openpi_merge_manifest.json", "params"]
+    assert sorted(p.name for p in out.iterdir()) == STEP_DIR_NAMES
     assert file_hashes(out / "assets") == file_hashes(step / "assets")
     merged, original = restore_flat(out / "params"), restore_flat(step / "params")
     base = synthetic.param_specs(model, "tiny", lora=False)
@@ -122,7 +122,7 @@ def test_relative_paths(tiny_checkpoint, tmp_path):
 def test_bare_params_dir_as_input(tiny_checkpoint, tmp_path):
     step = tiny_checkpoint("pi0")
     _merge(step / "params", tmp_path / "merged", "pi0")
-    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["openpi_merge_manifest.json", "params"]
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == STEP_DIR_NAMES[1:]
 
 
 @pytest.mark.skipif(not os.environ.get("OPENPI_MERGE_OTHER_PYTHON"), reason="set by .ci/run: the other stack's python")

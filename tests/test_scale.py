@@ -16,7 +16,8 @@ import pytest
 from helpers import REPO, file_hashes, restore_flat
 from jax.sharding import PartitionSpec
 
-from openpi_merge import checkpoint, config, errors, plan, sharding, stream, summary, synthetic
+from openpi_merge import checkpoint, config, errors, plan, sharding, stream, summary
+from openpi_merge.testing import synthetic
 
 MODEL = "pi0"
 FLOAT32 = "--config.dtype=float32"

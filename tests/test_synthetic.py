@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from openpi_merge import synthetic
+from openpi_merge.testing import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -35,9 +35,10 @@ def test_inspect_lists_every_problem_and_fails(tiny_checkpoint, tmp_path):
     )
     assert result.returncode == errors.PlanError.exit_code
     problems = [line for line in result.stdout.splitlines() if line.strip().startswith("problem:")]
-    assert len(problems) == 5  # One per action-expert kernel: q, kv, attn_vec, gating, linear.
-    assert all("has LoRA rank 32 but action_expert.variant=gemma_2b_lora has rank 16" in p for p in problems)
-    assert "(and 4 more problems" in result.stderr
+    assert len(problems) == 3  # One per action-expert attention kernel: q, kv, attn_vec. MLP LoRA needs no alpha.
+    assert all("has LoRA rank 32 but action_expert.variant=gemma_2b_lora has attn rank 16" in p for p in problems)
+    assert "(and 2 more problems" in result.stderr
+    assert "note: action_expert's MLP LoRA has rank 32, not gemma_2b_lora's ffn rank 16" in result.stdout
 
 
 def test_summary_reports_verification_per_module_kind(tiny_checkpoint, tmp_path):
@@ -120,14 +121,15 @@ def test_report_on_success_and_on_failure(tiny_checkpoint, tmp_path):
     assert (document["status"], document["exit_code"], document["error"]) == ("ok", 0, None)
     assert len(document["plan"]["pairs"]) == 10
     assert document["plan"]["leaves"] == {"in": 71, "out": 51}
-    assert set(document["verification"]) == {
-        "q_einsum",
-        "kv_einsum",
-        "attn_vec_einsum",
-        "mlp/gating_einsum",
-        "mlp/linear",
+    kinds = {"q_einsum", "kv_einsum", "attn_vec_einsum", "mlp/gating_einsum", "mlp/linear"}
+    assert {expert: set(worst) for expert, worst in document["verification"].items()} == {
+        "paligemma": kinds,
+        "action_expert": kinds,
     }
-    assert all(v["bound_ratio"] <= 1 for v in document["verification"].values())
+    assert all(v["bound_ratio"] <= 1 for worst in document["verification"].values() for v in worst.values())
+    assert all(0 <= p["check"]["rounding_loss"] < 0.25 for p in document["plan"]["pairs"])
+    assert document["provenance"] == json.loads((tmp_path / "out" / "openpi_merge.json").read_text())
+    assert document["plan"]["settings"]["action_expert"]["attn"]["alpha"] == 32.0
     assert {"plan", "restore", "fuse", "save"} <= document["seconds"].keys()
     assert document["versions"]["orbax-checkpoint"]
     assert document["config"]["model"] == "pi05"
@@ -141,4 +143,7 @@ def test_report_on_success_and_on_failure(tiny_checkpoint, tmp_path):
 
 def test_progress_lines_when_not_on_a_terminal(tiny_checkpoint, tmp_path):
     result = _run(tiny_checkpoint("pi0"), tmp_path / "out")
-    assert "fuse: 10/10 done in" in result.stderr
+    assert "fuse: 100% after" in result.stderr
+    quiet = _run(tiny_checkpoint("pi0"), tmp_path / "quiet", "--config.progress=False")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""

@@ -35,10 +35,10 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
-MODELS = ("pi0", "pi05", "pi0_fast")
+from openpi_merge.openpi_layout import MODELS, PARAMS_KEY, is_lora_leaf
+
 SCALES = ("tiny", "full")
 
-PARAMS_ITEM = "params"
 TRAIN_STATE_ITEM = "train_state"
 ASSETS_DIR = "assets"
 
@@ -51,7 +51,6 @@ _CHUNK = 1 << 22  # Elements generated at a time: 16 MiB of float32 scratch.
 _LARGE_ARRAY_BYTES = 16 << 20  # Arrays this large are written to disk one at a time.
 _CHUNKED_ARRAY_BYTES = 2 << 30  # Arrays larger than this are stored in chunks of _STORAGE_CHUNK_BYTES.
 _STORAGE_CHUNK_BYTES = 256 << 20
-_LORA_SUFFIXES = ("lora_a", "lora_b")
 
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
@@ -153,7 +152,7 @@ class _Leaf:
 
 
 def _is_lora(path: str) -> bool:
-    return path.rsplit("/", 1)[-1].endswith(_LORA_SUFFIXES)
+    return is_lora_leaf(tuple(path.split("/")))
 
 
 def _siglip_leaves(dims: ModelDims) -> list[_Leaf]:
@@ -413,7 +412,7 @@ def write_checkpoint(
     # the tree. Every other array is one chunk, as openpi's single-device saves store them.
     save_args = jax.tree.map(
         lambda x: ocp.SaveArgs(chunk_byte_size=_STORAGE_CHUNK_BYTES if x.nbytes > _CHUNKED_ARRAY_BYTES else None),
-        {PARAMS_ITEM: params},
+        {PARAMS_KEY: params},
     )
     if jax_arrays:
         params = jax.device_put(params)  # On CPU this usually shares the numpy buffers.
@@ -423,7 +422,7 @@ def write_checkpoint(
         params_handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
     manager = ocp.CheckpointManager(
         directory,
-        item_handlers={TRAIN_STATE_ITEM: ocp.PyTreeCheckpointHandler(), PARAMS_ITEM: params_handler},
+        item_handlers={TRAIN_STATE_ITEM: ocp.PyTreeCheckpointHandler(), PARAMS_KEY: params_handler},
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=False),
     )
     try:
@@ -432,7 +431,7 @@ def write_checkpoint(
             args=ocp.args.Composite(
                 **{
                     TRAIN_STATE_ITEM: ocp.args.PyTreeSave(_train_state(step)),
-                    PARAMS_ITEM: ocp.args.PyTreeSave({PARAMS_ITEM: params}, save_args=save_args),
+                    PARAMS_KEY: ocp.args.PyTreeSave({PARAMS_KEY: params}, save_args=save_args),
                 }
             ),
         )

@@ -1,0 +1,1 @@
+"""Merge configs shipped with openpi-merge, addressable by name: ``--config=pi0_lora``."""
