@@ -100,7 +100,7 @@ def merge(settings: config.Settings, outcome: report.Outcome) -> str:
         write = functools.partial(checkpoint.save, params=merged)
         written = iter([merged])
 
-    with checkpoint.staged_output(outcome.output) as staging:
+    with checkpoint.staged_output(outcome.output, overwrite=settings.overwrite) as staging:
         params_dir = staging / checkpoint.PARAMS_KEY
         with stopwatch.phase("save"):
             write(params_dir, value_suffix=contents.value_suffix)
@@ -172,7 +172,9 @@ def main(argv: list[str]) -> None:
     # cache on CPU: a cached fuse step then hands back a kernel in freed memory. Compiling afresh is safe.
     jax.config.update("jax_enable_compilation_cache", False)
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)  # Orbax logs every step at INFO; --verbosity=0 brings that back.
+        # Orbax logs every step at INFO, and logs a failed background write (a bucket gone mid-save) with its traceback
+        # at ERROR before re-raising it, which the one-line error then reports. --verbosity=0 brings both back.
+        logging.set_verbosity(logging.FATAL)
     outcome, error = report.Outcome(), None
     try:
         settings = config.read_settings(_CONFIG.value)

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from openpi_merge import distributed, errors, plan, sharding
+from openpi_merge import distributed, errors, objectstore_commit, plan, sharding, storage
 
 PARAMS_KEY = "params"
 # nnx.State saves every parameter as {"value": array}; openpi's restore_params strips it only when every path has it.
@@ -32,9 +32,9 @@ _STAGING = ".openpi-merge-tmp-"
 class Source:
     """Where the input checkpoint's parts are; ``assets_dir`` is None for a bare params dir."""
 
-    root: pathlib.Path  # The dir the user named: a step dir, or the params dir itself.
-    params_dir: pathlib.Path
-    assets_dir: pathlib.Path | None
+    root: storage.AnyPath  # The dir the user named: a step dir, or the params dir itself (gs://: a prefix).
+    params_dir: storage.AnyPath
+    assets_dir: storage.AnyPath | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +46,28 @@ class Contents:
 
 
 def locate_input(path: str) -> Source:
-    """Resolves a training step dir (holding ``params/``) or a bare Orbax params dir."""
-    root = pathlib.Path(path).expanduser().resolve()
+    """Resolves a training step dir (holding ``params/``) or a bare Orbax params dir, local or on object storage."""
+    root = storage.resolve(path)
+    if not storage.is_remote(root):
+        return _locate(root)
+    # Object storage: a missing bucket and an unfinished save (no commit marker) are told apart from other mistakes.
+    try:
+        if not storage.bucket_exists(root):
+            raise errors.InputError(
+                f"input bucket {storage.bucket(root)} does not exist (or these credentials cannot see it)"
+            )
+        source = _locate(root)
+        finished = objectstore_commit.is_finished(source.params_dir)
+    except objectstore_commit.STORAGE_ERRORS as e:
+        raise errors.InputError(f"cannot read input {root}: {storage.reason(e)}") from e
+    if not finished:
+        raise errors.InputError(
+            f"input {source.params_dir} is an unfinished save (no {storage.COMMIT_FILE}): pick a finished step"
+        )
+    return source
+
+
+def _locate(root: storage.AnyPath) -> Source:
     if not root.exists():
         raise errors.InputError(f"input {root} does not exist")
     if _UNFINISHED.search(root.name):
@@ -66,17 +86,18 @@ def locate_input(path: str) -> Source:
     raise errors.InputError(f"input {root} is not an Orbax checkpoint: it has no params/ dir and no Orbax metadata")
 
 
-def _checkpointer(**handler_options) -> ocp.Checkpointer:
+def _checkpointer(checkpointer_options: dict | None = None, **handler_options) -> ocp.Checkpointer:
     # openpi writes with orbax-checkpoint 0.11.13's defaults (OCDBT, zarr v2); newer releases must write the same.
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False, **handler_options))
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False, **handler_options)
+    return ocp.Checkpointer(handler, **(checkpointer_options or {}))
 
 
-def _unreadable(params_dir: pathlib.Path, error: Exception) -> errors.InputError:
+def _unreadable(params_dir: storage.AnyPath, error: Exception) -> errors.InputError:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return errors.InputError(f"cannot read checkpoint {params_dir} (truncated or corrupt?): {reason[:300]}")
 
 
-def _metadata_tree(params_dir: pathlib.Path) -> dict:
+def _metadata_tree(params_dir: storage.AnyPath) -> dict:
     try:
         with _checkpointer() as checkpointer:
             metadata = checkpointer.metadata(params_dir)
@@ -95,7 +116,7 @@ def _metadata_tree(params_dir: pathlib.Path) -> dict:
     return tree
 
 
-def read_contents(params_dir: pathlib.Path) -> Contents:
+def read_contents(params_dir: storage.AnyPath) -> Contents:
     """Reads shapes and dtypes of every parameter, no array data."""
     flat = traverse_util.flatten_dict(dict(_metadata_tree(params_dir)[PARAMS_KEY]))
     value_suffix = bool(flat) and all(path[-1] == VALUE_SUFFIX for path in flat)
@@ -114,11 +135,17 @@ def _nested(params: dict[plan.Path, object], value_suffix: bool) -> dict:
 
 
 def restore(
-    params_dir: pathlib.Path, contents: Contents, layout: sharding.Layout, paths: Iterable[plan.Path] | None = None
+    params_dir: storage.AnyPath,
+    contents: Contents,
+    layout: sharding.Layout,
+    paths: Iterable[plan.Path] | None = None,
+    *,
+    committed: bool = True,
 ) -> dict[plan.Path, jax.Array]:
     """Restores the parameters at ``paths`` (default: all) in their stored dtype, placed as ``layout`` says.
 
-    With a mesh over several processes, each process reads only the shards its devices hold.
+    With a mesh over several processes, each process reads only the shards its devices hold. ``committed=False``
+    reads a save not committed yet (the reload check on object storage, where the marker comes last).
     """
     leaves = contents.leaves if paths is None else {path: contents.leaves[path] for path in paths}
     item = _nested(leaves, contents.value_suffix)
@@ -130,7 +157,9 @@ def restore(
     partial = {} if paths is None else {"transforms": {}}
     try:
         with _checkpointer() as checkpointer:
-            restored = checkpointer.restore(
+            # Checkpointer.restore refuses an object-storage save without its commit marker; its handler does not.
+            reader = checkpointer if committed else ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False)
+            restored = reader.restore(
                 params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, **partial)
             )
     except Exception as e:  # As in _metadata_tree: a damaged file surfaces as any of many exception types.
@@ -140,7 +169,7 @@ def restore(
 
 
 def save(
-    params_dir: pathlib.Path,
+    params_dir: storage.AnyPath,
     params: dict[plan.Path, object],
     *,
     value_suffix: bool,
@@ -151,7 +180,7 @@ def save(
     Leaves are jax.Arrays, or any type ``type_handler_registry`` has a handler for (see ``stream``).
     """
     options = {} if type_handler_registry is None else {"type_handler_registry": type_handler_registry}
-    with _checkpointer(**options) as checkpointer:
+    with _checkpointer(storage.checkpointer_options(params_dir), **options) as checkpointer:
         checkpointer.save(params_dir, args=ocp.args.PyTreeSave(_nested(params, value_suffix)))
 
 
@@ -164,7 +193,7 @@ def _same_bits(got: jax.Array, want: jax.Array) -> bool:
 
 
 def check_written(
-    params_dir: pathlib.Path,
+    params_dir: storage.AnyPath,
     leaves: Iterable[plan.Leaf],
     merged: Iterable[dict[plan.Path, jax.Array]],
     *,
@@ -177,19 +206,26 @@ def check_written(
     if contents.value_suffix != value_suffix or contents.leaves != {leaf.path: leaf for leaf in leaves}:
         raise errors.NumericsError(f"{params_dir} does not hold the tree that was written")
     for params in merged:
-        for path, array in restore(params_dir, contents, layout, paths=params).items():
+        committed = not storage.is_remote(params_dir)
+        for path, array in restore(params_dir, contents, layout, paths=params, committed=committed).items():
             if not _same_bits(array, params[path]):
                 raise errors.NumericsError(f"{params_dir}: {'/'.join(path)} reads back different from what was written")
 
 
-def copy_assets(source: Source, step_dir: pathlib.Path) -> None:
-    """Copies ``assets/`` (norm stats that serving needs) byte for byte."""
-    if source.assets_dir is not None:
+def copy_assets(source: Source, step_dir: storage.AnyPath) -> None:
+    """Copies ``assets/`` (norm stats that serving needs) byte for byte; object by object if either is remote."""
+    if source.assets_dir is None:
+        return
+    if storage.is_remote(source.assets_dir) or storage.is_remote(step_dir):
+        storage.copy_tree(source.assets_dir, step_dir / "assets")
+    else:
         shutil.copytree(source.assets_dir, step_dir / "assets")
 
 
-def check_output(output: str, source: Source, *, overwrite: bool) -> pathlib.Path:
+def check_output(output: str, source: Source, *, overwrite: bool) -> storage.AnyPath:
     """Resolves the output step dir, refusing one that exists (unless overwrite) or that overlaps the input."""
+    if storage.is_remote(output):
+        return _check_remote_output(storage.resolve(output), source, overwrite=overwrite)
     target = pathlib.Path(output).expanduser().resolve()
     if target == source.root or source.root in target.parents:
         raise errors.OutputError(f"output {target} lies inside the input {source.root}: write it elsewhere")
@@ -202,14 +238,30 @@ def check_output(output: str, source: Source, *, overwrite: bool) -> pathlib.Pat
     return target
 
 
+def _check_remote_output(target: storage.AnyPath, source: Source, *, overwrite: bool) -> storage.AnyPath:
+    """check_output for an output on object storage: overlap compared as path strings."""
+    root, out = str(source.root), str(target)
+    if out == root or out.startswith(root + "/"):
+        raise errors.OutputError(f"output {target} lies inside the input {source.root}: write it elsewhere")
+    if root.startswith(out + "/"):
+        raise errors.OutputError(f"output {target} contains the input {source.root}: write it elsewhere")
+    objectstore_commit.check_target(target, overwrite=overwrite)
+    return target
+
+
 @contextlib.contextmanager
-def staged_output(target: pathlib.Path) -> Iterator[pathlib.Path]:
+def staged_output(target: storage.AnyPath, *, overwrite: bool = False) -> Iterator[storage.AnyPath]:
     """Yields a hidden staging dir beside ``target`` that becomes ``target`` only if the block completes.
 
     A failed or interrupted run removes the staging dir; a killed one leaves a hidden ``.<name>.openpi-merge-tmp-*``
     dir, never anything at ``target``, and the next run for the same target removes it. In a multi-process run every
     process writes into the same staging dir and process 0 alone prepares, commits and removes it, between barriers.
+    On object storage the commit is ``objectstore_commit.staged`` instead.
     """
+    if storage.is_remote(target):
+        with objectstore_commit.staged(target, overwrite=overwrite) as prefix:
+            yield prefix
+        return
     primary = distributed.is_primary()
     staging = target.parent / f".{target.name}{_STAGING}{distributed.shared_token()}"
     if primary:

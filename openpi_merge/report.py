@@ -9,7 +9,7 @@ import platform
 
 import jax
 
-from openpi_merge import fuse, plan, summary
+from openpi_merge import fuse, plan, storage, summary
 
 _PACKAGES = ("openpi-merge", "jax", "jaxlib", "flax", "orbax-checkpoint", "tensorstore", "numpy", "ml_dtypes")
 
@@ -84,8 +84,12 @@ def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: s
         "devices": outcome.devices,
         "versions": _versions(),
     }
+    text = json.dumps(document, indent=2) + "\n"
+    if storage.is_remote(path):
+        storage.resolve(path).write_text(text)  # An object appears whole or not at all.
+        return
     target = pathlib.Path(path).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.tmp")
-    partial.write_text(json.dumps(document, indent=2) + "\n")
+    partial.write_text(text)
     os.replace(partial, target)
