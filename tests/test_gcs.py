@@ -264,3 +264,36 @@ def test_storage_failure_mid_save_commits_nothing_and_fails_in_one_line(tiny_che
     finally:
         run.kill()
         emulator.kill()
+
+
+def test_two_processes_merge_between_buckets_as_one_process_does(gcs, gcs_checkpoint, tiny_checkpoint, local_merge):
+    """2 JAX processes x 4 CPU devices on 127.0.0.1: each writes its own shards, process 0 commits and copies assets."""
+    out, prefix, port = _gs("merged", "two-processes"), "merged/two-processes", gcs_emulator.free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    runs = [
+        subprocess.Popen(
+            _command(
+                gcs_checkpoint(MODEL),
+                out,
+                "--config.mesh=fsdp=-1",
+                "--config.distributed.enabled=True",
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+            ),
+            cwd=REPO,
+            env={**env, "JAX_PLATFORMS": "cpu"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    for run, (_, stderr) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, stderr
+    assert "over 8 cpu devices in 2 processes" in outputs[0][0]
+    names = _names(gcs, prefix)
+    assert any(n.startswith("params/ocdbt.process_1/") for n in names), "process 1 wrote no shards of its own"
+    _assert_finished_step(gcs, prefix, tiny_checkpoint(MODEL))
+    _assert_same_params(epath.Path(out) / "params", local_merge / "params")
