@@ -107,15 +107,17 @@ def local_merge(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gs_merge(gcs, gcs_checkpoint):
-    """gs:// in -> gs:// out, in memory (shared by the tests that only read it)."""
+    """gs:// in -> gs:// out, in memory, its report written to the bucket too (shared by tests that only read it)."""
     out = _gs("merged", "gs-to-gs")
-    _merge(gcs_checkpoint(MODEL), out)
+    _merge(gcs_checkpoint(MODEL), out, f"--config.report={_gs('reports', 'gs-to-gs.json')}")
     return out
 
 
 def test_bucket_to_bucket_merge_matches_the_local_merge(gcs, gs_merge, tiny_checkpoint, local_merge):
     _assert_finished_step(gcs, "merged/gs-to-gs", tiny_checkpoint(MODEL))
     _assert_same_params(epath.Path(gs_merge) / "params", local_merge / "params")
+    report = json.loads(gcs.read(GCS_BUCKET, "reports/gs-to-gs.json"))
+    assert (report["status"], report["output"]) == ("ok", gs_merge)
 
 
 @pytest.mark.skipif(not os.environ.get("OPENPI_MERGE_OTHER_PYTHON"), reason="set by scripts/test.sh: the other stack")
@@ -134,9 +136,10 @@ def test_bucket_output_restores_through_openpis_call_under_the_other_stack(gs_me
     }
 
 
-def test_bucket_to_local_merge_matches_the_local_merge(gcs_checkpoint, local_merge, tmp_path):
+def test_bucket_to_local_merge_matches_the_local_merge(gcs_checkpoint, gs_merge, local_merge, tmp_path):
+    """With a gs:// reference (the output tree is checked against it) as well."""
     out = tmp_path / "merged"
-    _merge(gcs_checkpoint(MODEL), out)
+    _merge(gcs_checkpoint(MODEL), out, f"--config.reference={gs_merge}")
     assert sorted(p.name for p in out.iterdir()) == ["assets", "params"]
     _assert_same_params(out / "params", local_merge / "params")
 
