@@ -199,11 +199,21 @@ def staged(target: epath.Path, *, overwrite: bool) -> Iterator[epath.Path]:
                 storage.remove(prefix)
         raise
     if primary:
-        try:
-            _commit_in_place(prefix, token)
-            if staged_flag:
-                _swap(prefix, target, token)
-        except STORAGE_ERRORS as e:
-            where = f"; the complete new checkpoint is at {prefix}" if staged_flag else ""
-            raise errors.OutputError(f"committing {target} failed: {storage.reason(e)}{where}") from e
+        _commit(prefix, target, token, swap=staged_flag)
     distributed.barrier("objectstore-committed")
+
+
+def _commit(prefix: epath.Path, target: epath.Path, token: str, *, swap: bool) -> None:
+    """Process 0: commits ``prefix`` in place, then, if it is a staging prefix, swaps it into ``target``."""
+    try:
+        _commit_in_place(prefix, token)
+    except STORAGE_ERRORS as e:
+        raise errors.OutputError(f"committing {target} failed: {storage.reason(e)}; nothing was committed") from e
+    if swap:
+        try:
+            _swap(prefix, target, token)
+        except STORAGE_ERRORS as e:
+            raise errors.OutputError(
+                f"replacing {target} failed: {storage.reason(e)}; it is left unfinished and the complete new "
+                f"checkpoint is at {prefix} (the next run for this output removes both and merges again)"
+            ) from e

@@ -2,7 +2,6 @@
 
 import pathlib
 
-import gcs_emulator
 import pytest
 from etils import epath
 
@@ -38,6 +37,8 @@ def gcs():
     Its environment variables are set in this process (and so in every CLI subprocess) before any client is used:
     gcsfs and tensorstore keep the first endpoint they see, so there is one emulator per session.
     """
+    import gcs_emulator  # Only the gs:// tests need the test extra's emulator wrapper.
+
     emulator = gcs_emulator.start()
     with pytest.MonkeyPatch.context() as patch:
         for name, value in gcs_emulator.environment(emulator.url).items():
