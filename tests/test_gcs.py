@@ -313,3 +313,29 @@ def test_two_processes_merge_between_buckets_as_one_process_does(gcs, gcs_checkp
     assert any(n.startswith("params/ocdbt.process_1/") for n in names), "process 1 wrote no shards of its own"
     _assert_finished_step(gcs, prefix, tiny_checkpoint(MODEL))
     _assert_same_params(epath.Path(out) / "params", local_merge / "params")
+
+
+def _write_then_fail(gcs, target: epath.Path) -> None:
+    with objectstore_commit.staged(target, overwrite=False) as prefix:
+        assert prefix == target
+        (prefix / "params" / "part").write_text("half a checkpoint")
+        assert objectstore_commit.CLAIM in _names(gcs, "protocol/failed")
+        raise errors.NumericsError("verification failed")
+
+
+def test_an_error_inside_the_staged_block_removes_what_it_wrote(gcs):
+    with pytest.raises(errors.NumericsError):
+        _write_then_fail(gcs, epath.Path(_gs("protocol", "failed")))
+    assert _names(gcs, "protocol/failed") == []
+
+
+def _write_while_another_run_claims(target: epath.Path) -> None:
+    with objectstore_commit.staged(target, overwrite=False) as prefix:
+        (prefix / "params" / "part").write_text("written by this run")
+        (prefix / objectstore_commit.CLAIM).write_text("another run's token")
+
+
+def test_a_run_whose_claim_another_run_took_does_not_commit(gcs):
+    with pytest.raises(errors.OutputError, match="claimed by another"):
+        _write_while_another_run_claims(epath.Path(_gs("protocol", "taken")))
+    assert not set(MARKERS) & set(_names(gcs, "protocol/taken"))
