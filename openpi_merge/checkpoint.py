@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from openpi_merge import errors, plan, sharding
+from openpi_merge import errors, objectstore_commit, plan, sharding, storage
 from openpi_merge.openpi_layout import PARAMS_KEY, VALUE_SUFFIX
 
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
@@ -32,9 +32,9 @@ _UNFINISHED = re.compile(r"\.orbax-checkpoint-tmp(-\d+)?$")
 class Source:
     """Where the input checkpoint's parts are; ``assets_dir`` is None for a bare params dir."""
 
-    root: pathlib.Path  # The dir the user named: a step dir, or the params dir itself.
-    params_dir: pathlib.Path
-    assets_dir: pathlib.Path | None
+    root: storage.AnyPath  # The dir the user named: a step dir, or the params dir itself (gs://: a prefix).
+    params_dir: storage.AnyPath
+    assets_dir: storage.AnyPath | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Contents:
     value_suffix: bool
 
 
-def _refuse_unfinished(path: pathlib.Path, role: str) -> None:
+def _refuse_unfinished(path: storage.AnyPath, role: str) -> None:
     if _UNFINISHED.search(path.name):
         raise errors.InputError(
             f"{role} {path} is an unfinished Orbax save (a run that did not finish writing it): pick a finished step "
@@ -54,11 +54,32 @@ def _refuse_unfinished(path: pathlib.Path, role: str) -> None:
 
 
 def locate_input(path: str, *, role: str = "input") -> Source:
-    """Resolves a training step dir (holding ``params/``) or a bare Orbax params dir; ``role`` names it in errors.
+    """Resolves a training step dir (holding ``params/``) or a bare Orbax params dir, local or on object storage;
+    ``role`` names it in errors.
 
-    Raises InputError for a missing path, an unfinished Orbax save, or a dir that is no Orbax checkpoint.
+    Raises InputError for a missing path or bucket, an unfinished Orbax save, or a dir that is no Orbax checkpoint.
     """
-    root = pathlib.Path(path).expanduser().resolve()
+    root = storage.resolve(path)
+    if not storage.is_remote(root):
+        return _locate(root, role)
+    # Object storage: a missing bucket and an unfinished save (no commit marker) are told apart from other mistakes.
+    try:
+        if not storage.bucket_exists(root):
+            raise errors.InputError(
+                f"{role} bucket {storage.bucket(root)} does not exist (or these credentials cannot see it)"
+            )
+        source = _locate(root, role)
+        finished = objectstore_commit.is_finished(source.params_dir)
+    except objectstore_commit.STORAGE_ERRORS as e:
+        raise errors.InputError(f"cannot read {role} {root}: {storage.reason(e)}") from e
+    if not finished:
+        raise errors.InputError(
+            f"{role} {source.params_dir} is an unfinished save (no {storage.COMMIT_FILE}): pick a finished step"
+        )
+    return source
+
+
+def _locate(root: storage.AnyPath, role: str) -> Source:
     if not root.exists():
         raise errors.InputError(f"{role} {root} does not exist")
     _refuse_unfinished(root, role)
@@ -83,9 +104,10 @@ def locate_input(path: str, *, role: str = "input") -> Source:
     raise errors.InputError(f"{role} {root} is not an Orbax checkpoint: it has no params/ dir and no Orbax metadata")
 
 
-def _checkpointer(**handler_options) -> ocp.Checkpointer:
+def _checkpointer(checkpointer_options: dict | None = None, **handler_options) -> ocp.Checkpointer:
     # openpi writes with orbax-checkpoint 0.11.13's defaults (OCDBT, zarr v2); newer releases must write the same.
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False, **handler_options))
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False, **handler_options)
+    return ocp.Checkpointer(handler, **(checkpointer_options or {}))
 
 
 # TensorStore names an array by its key in the OCDBT database, e.g. "params.PaliGemma.llm.embedder.value/.zarray".
@@ -93,7 +115,7 @@ _ARRAY_KEY = re.compile(r"\b(params(?:\.[\w-]+)+)/")
 _REPR = re.compile(r"(TensorStore|Spec)\(\{.*?\}\)")
 
 
-def _unreadable(params_dir: pathlib.Path, error: Exception) -> errors.InputError:
+def _unreadable(params_dir: storage.AnyPath, error: Exception) -> errors.InputError:
     """A read failure as one line: the parameter it hit where the text names one, and no TensorStore spec dumps."""
     text = str(error).strip()
     reason = _REPR.sub(r"\1(...)", text.splitlines()[0]) if text else type(error).__name__
@@ -104,7 +126,7 @@ def _unreadable(params_dir: pathlib.Path, error: Exception) -> errors.InputError
     return errors.InputError(f"cannot read checkpoint {params_dir}{where} (truncated or corrupt?): {reason[:300]}")
 
 
-def _metadata_tree(params_dir: pathlib.Path) -> dict:
+def _metadata_tree(params_dir: storage.AnyPath) -> dict:
     try:
         with _checkpointer() as checkpointer:
             metadata = checkpointer.metadata(params_dir)
@@ -123,7 +145,7 @@ def _metadata_tree(params_dir: pathlib.Path) -> dict:
     return tree
 
 
-def read_contents(params_dir: pathlib.Path) -> Contents:
+def read_contents(params_dir: storage.AnyPath) -> Contents:
     """Reads shapes and dtypes of every parameter, no array data."""
     flat = traverse_util.flatten_dict(dict(_metadata_tree(params_dir)[PARAMS_KEY]))
     value_suffix = bool(flat) and all(path[-1] == VALUE_SUFFIX for path in flat)
@@ -142,11 +164,17 @@ def _nested(params: dict[plan.Path, object], value_suffix: bool) -> dict:
 
 
 def restore(
-    params_dir: pathlib.Path, contents: Contents, layout: sharding.Layout, paths: Iterable[plan.Path] | None = None
+    params_dir: storage.AnyPath,
+    contents: Contents,
+    layout: sharding.Layout,
+    paths: Iterable[plan.Path] | None = None,
+    *,
+    committed: bool = True,
 ) -> dict[plan.Path, jax.Array]:
     """Restores the parameters at ``paths`` (default: all) in their stored dtype, placed as ``layout`` says.
 
-    With a mesh over several processes, each process reads only the shards its devices hold.
+    With a mesh over several processes, each process reads only the shards its devices hold. ``committed=False``
+    reads a save not committed yet (the reload check on object storage, where the marker comes last).
     """
     leaves = contents.leaves if paths is None else {path: contents.leaves[path] for path in paths}
     item = _nested(leaves, contents.value_suffix)
@@ -158,7 +186,9 @@ def restore(
     partial = {} if paths is None else {"transforms": {}}
     try:
         with _checkpointer() as checkpointer:
-            restored = checkpointer.restore(
+            # Checkpointer.restore refuses an object-storage save without its commit marker; its handler does not.
+            reader = checkpointer if committed else ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False)
+            restored = reader.restore(
                 params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, **partial)
             )
     except Exception as e:  # As in _metadata_tree: a damaged file surfaces as any of many exception types.
@@ -168,7 +198,7 @@ def restore(
 
 
 def save(
-    params_dir: pathlib.Path,
+    params_dir: storage.AnyPath,
     params: dict[plan.Path, object],
     *,
     value_suffix: bool,
@@ -179,7 +209,7 @@ def save(
     Leaves are jax.Arrays, or any type ``type_handler_registry`` has a handler for (see ``stream``).
     """
     options = {} if type_handler_registry is None else {"type_handler_registry": type_handler_registry}
-    with _checkpointer(**options) as checkpointer:
+    with _checkpointer(storage.checkpointer_options(params_dir), **options) as checkpointer:
         checkpointer.save(params_dir, args=ocp.args.PyTreeSave(_nested(params, value_suffix)))
 
 
@@ -192,7 +222,7 @@ def _same_bits(got: jax.Array, want: jax.Array) -> bool:
 
 
 def check_written(
-    params_dir: pathlib.Path,
+    params_dir: storage.AnyPath,
     leaves: Iterable[plan.Leaf],
     merged: Iterable[dict[plan.Path, jax.Array]],
     *,
@@ -205,18 +235,22 @@ def check_written(
     if contents.value_suffix != value_suffix or contents.leaves != {leaf.path: leaf for leaf in leaves}:
         raise errors.NumericsError(f"{params_dir} does not hold the tree that was written")
     for params in merged:
-        for path, array in restore(params_dir, contents, layout, paths=params).items():
+        committed = not storage.is_remote(params_dir)
+        for path, array in restore(params_dir, contents, layout, paths=params, committed=committed).items():
             if not _same_bits(array, params[path]):
                 raise errors.NumericsError(f"{params_dir}: {'/'.join(path)} reads back different from what was written")
 
 
-def copy_assets(source: Source, step_dir: pathlib.Path) -> None:
+def copy_assets(source: Source, step_dir: storage.AnyPath) -> None:
     """Copies ``assets/`` (norm stats that serving needs) byte for byte: regular files and dirs only.
 
     Raises InputError for a symlink or special file inside it: a link could point anywhere on the machine (a file,
     a whole repo), and the merge reads nothing outside its input.
     """
     if source.assets_dir is None:
+        return
+    if storage.is_remote(source.assets_dir) or storage.is_remote(step_dir):  # Object storage has no links.
+        storage.copy_tree(source.assets_dir, step_dir / "assets")
         return
     for dirpath, dirnames, filenames in os.walk(source.assets_dir):
         for name in dirnames + filenames:
@@ -232,13 +266,27 @@ def copy_assets(source: Source, step_dir: pathlib.Path) -> None:
     shutil.copytree(source.assets_dir, step_dir / "assets", symlinks=True)
 
 
-def resolve_output(output: str, source: Source) -> pathlib.Path:
+def resolve_output(output: str, source: Source) -> storage.AnyPath:
     """Resolves the output step dir; raises OutputError if it lies inside, contains or is the input."""
+    if storage.is_remote(output):
+        return _resolve_remote_output(storage.resolve(output), source)
     target = pathlib.Path(output).expanduser().resolve()
+    if storage.is_remote(source.root):
+        return target
     if target == source.root or source.root in target.parents:
         raise errors.OutputError(f"output {target} lies inside the input {source.root}: write it elsewhere")
     if target in source.root.parents:
         raise errors.OutputError(f"output {target} contains the input {source.root}: write it elsewhere")
     if target.exists() and os.path.samefile(target, source.root):  # A bind mount of the input, say.
         raise errors.OutputError(f"output {target} is the input {source.root} under another name: write elsewhere")
+    return target
+
+
+def _resolve_remote_output(target: storage.AnyPath, source: Source) -> storage.AnyPath:
+    """resolve_output for an output on object storage: overlap compared as path strings."""
+    root, out = str(source.root), str(target)
+    if out == root or out.startswith(root + "/"):
+        raise errors.OutputError(f"output {target} lies inside the input {source.root}: write it elsewhere")
+    if root.startswith(out + "/"):
+        raise errors.OutputError(f"output {target} contains the input {source.root}: write it elsewhere")
     return target

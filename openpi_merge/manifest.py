@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from openpi_merge import checkpoint, errors, plan, sharding
+from openpi_merge import checkpoint, errors, plan, sharding, storage
 
 FILENAME = "openpi_merge_manifest.json"
 FORMAT = "openpi-merge-manifest/1"
@@ -105,26 +105,21 @@ class Digests:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _file_sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
+def _file_entry(path: storage.AnyPath) -> dict:
+    digest, size = hashlib.sha256(), 0
     with path.open("rb") as f:
         while block := f.read(1 << 20):
             digest.update(block)
-    return digest.hexdigest()
+            size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def _assets(step_dir: pathlib.Path) -> dict[str, dict]:
+def _assets(step_dir: storage.AnyPath) -> dict[str, dict]:
     root = step_dir / "assets"
-    if not root.is_dir():
-        return {}
-    return {
-        str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": _file_sha256(p)}
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
+    return {name: _file_entry(root / name) for name in storage.files(root)}
 
 
-def write(step_dir: pathlib.Path, params: dict[str, dict], *, value_suffix: bool) -> None:
+def write(step_dir: storage.AnyPath, params: dict[str, dict], *, value_suffix: bool) -> None:
     """Writes the manifest of a step dir whose ``params/`` and ``assets/`` are written (``params``: ``entries()``)."""
     document = {
         "format": FORMAT,
@@ -135,7 +130,7 @@ def write(step_dir: pathlib.Path, params: dict[str, dict], *, value_suffix: bool
     (step_dir / FILENAME).write_text(json.dumps(document, indent=1) + "\n")
 
 
-def _read(step_dir: pathlib.Path) -> dict:
+def _read(step_dir: storage.AnyPath) -> dict:
     path = step_dir / FILENAME
     if not path.is_file():
         raise errors.InputError(

@@ -12,6 +12,7 @@ plan by default, or, under a memory budget, the groups ``stream`` makes, each pr
 interrupted run stops where no Orbax write is in flight, and ``commit.staged`` removes what it had written.
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -26,11 +27,13 @@ from openpi_merge import (
     errors,
     fuse,
     manifest,
+    objectstore_commit,
     plan,
     progress,
     provenance,
     report,
     sharding,
+    storage,
     stream,
     summary,
 )
@@ -59,7 +62,7 @@ def read_plan(settings: config.Settings, outcome: report.Outcome) -> Input:
 
 def check_report_path(path: str) -> None:
     """Raises ConfigError unless a report can be written at ``path`` (checked before the merge, not after it)."""
-    if not path:
+    if not path or storage.is_remote(path):
         return
     target = pathlib.Path(path).expanduser().resolve()
     if target.is_dir():
@@ -153,6 +156,30 @@ def _save_fault(error: Exception, staging: pathlib.Path) -> errors.MergeError | 
     return errors.environment_fault(error, staging.parent, "cannot write the output in")
 
 
+@contextlib.contextmanager
+def _claimed(settings: config.Settings, target: storage.AnyPath, needed_bytes: int) -> Iterator[commit.Claim | None]:
+    """Holds the output for the run: the local lock and its checks (``commit``); on object storage, where no lock
+    outlives its holder, the checks of ``objectstore_commit`` alone."""
+    if storage.is_remote(target):
+        objectstore_commit.check_target(target, overwrite=settings.overwrite)
+        yield None
+        return
+    with commit.claim(
+        target, overwrite=settings.overwrite, needed_bytes=needed_bytes, primary=distributed.is_primary()
+    ) as held:
+        yield held
+
+
+def _staged(
+    settings: config.Settings, target: storage.AnyPath, held: commit.Claim | None, stop: Stop
+) -> contextlib.AbstractContextManager[storage.AnyPath]:
+    """The dir to write the step into, committed when the block completes: ``commit.staged`` or, on object storage,
+    ``objectstore_commit.staged``."""
+    if held is None:
+        return objectstore_commit.staged(target, overwrite=settings.overwrite)
+    return commit.staged(held, distributed.shared_token(), barrier=distributed.barrier, stop=stop)
+
+
 def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str:
     """Runs one merge and returns its summary (module docstring)."""
     stopwatch = outcome.stopwatch
@@ -165,10 +192,8 @@ def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
         outcome.output = target
         check_report_path(settings.report)
     needed = sum(leaf.nbytes for leaf in merge_plan.leaves_out)
-    with commit.claim(
-        target, overwrite=settings.overwrite, needed_bytes=needed, primary=distributed.is_primary()
-    ) as held:
-        outcome.details += [f"note: {note}" for note in held.notes]
+    with _claimed(settings, target, needed) as held:
+        outcome.details += [f"note: {note}" for note in (held.notes if held else [])]
         layout = sharding.make_layout(settings.mesh)
         outcome.devices = layout.describe()
         outcome.details.insert(0, f"devices: {outcome.devices}")
@@ -177,8 +202,7 @@ def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
         fused = progress.Progress("fuse", sum(p.kernel.nbytes for p in merge_plan.pairs), enabled=settings.progress)
         ctx = _Context(settings, given, layout, outcome, digests, fused, stop)
         try:
-            token = distributed.shared_token()
-            with commit.staged(held, token, barrier=distributed.barrier, stop=stop) as staging:
+            with _staged(settings, target, held, stop) as staging:
                 params_dir = staging / checkpoint.PARAMS_KEY
                 try:
                     written = _write(ctx, params_dir)

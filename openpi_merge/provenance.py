@@ -8,11 +8,10 @@ openpi's stock default).
 
 import datetime
 import json
-import os
 import pathlib
 from typing import Any
 
-from openpi_merge import __version__, lora, plan
+from openpi_merge import __version__, lora, plan, storage
 
 FILENAME = "openpi_merge.json"
 _FOUND = {"command line": "named on the command line", "input path": "found in the input path"}
@@ -108,10 +107,7 @@ def make(merge_plan: plan.Plan, *, input_path: pathlib.Path, output: pathlib.Pat
     }
 
 
-def write(step_dir: pathlib.Path, document: dict) -> dict:
-    """Writes the document into the step dir (atomically) and returns it."""
-    target = step_dir / FILENAME
-    partial = step_dir / f".{FILENAME}.tmp"
-    partial.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(partial, target)
+def write(step_dir: storage.AnyPath, document: dict) -> dict:
+    """Writes the document into the step dir being staged (which is committed whole, or not at all); returns it."""
+    (step_dir / FILENAME).write_text(json.dumps(document, indent=2) + "\n")
     return document

@@ -10,7 +10,7 @@ import platform
 
 import jax
 
-from openpi_merge import errors, fuse, plan, provenance, summary
+from openpi_merge import errors, fuse, plan, provenance, storage, summary
 
 _PACKAGES = ("openpi-merge", "jax", "jaxlib", "flax", "orbax-checkpoint", "tensorstore", "numpy", "ml_dtypes")
 
@@ -107,11 +107,18 @@ def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: s
         "devices": outcome.devices,
         "versions": _versions(),
     }
+    text = json.dumps(document, indent=2) + "\n"
+    if storage.is_remote(path):
+        try:
+            storage.resolve(path).write_text(text)  # An object appears whole or not at all.
+        except Exception as e:  # gcsfs and the HTTP layers under it raise many types.
+            raise errors.EnvironmentFaultError(f"cannot write the report {path}: {storage.reason(e)}") from e
+        return
     target = pathlib.Path(path).expanduser().resolve()
     partial = target.with_name(f".{target.name}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(document, indent=2) + "\n")
+        partial.write_text(text)
         os.replace(partial, target)
     except OSError as e:
         with contextlib.suppress(OSError):

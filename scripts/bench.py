@@ -9,6 +9,11 @@ Each approach runs as its own process, timed by wall clock, with its peak RSS fr
   3. openpi-merge end to end (the CLI, default settings: verification on),
   4. the approach users write by hand: restore everything to numpy, merge in numpy, save,
   5. openpi-merge streamed under a memory budget (``--budget_gb``, 2 GB by default).
+With ``--bucket=gs://BUCKET/PREFIX`` (or ``--bucket=emulator``: a fake-gcs-server on 127.0.0.1, from the test extra),
+the checkpoint is also uploaded there and three more runs read and write gs:// directly: Orbax restore-all +
+save-all, openpi-merge and openpi-merge streamed. Their GB/s is bytes read plus written over wall time, through
+tensorstore and gcsfs over HTTP; against the emulator that is the client stack's and the emulator's CPU cost on
+loopback (no network, no GCS latency), not what a bucket in a region delivers.
 An approach that fails (the hand-written one can run out of memory) is reported with how it ended, not dropped.
 Bytes read and written are the on-disk sizes of what each approach reads and writes. The page cache is warm for all
 of them (the checkpoint was just written or read), so the comparison is of CPU and memory work, not of the disk.
@@ -35,11 +40,11 @@ sys.path.insert(0, str(REPO))
 
 def _orbax_roundtrip(params_dir: str, out_dir: str) -> None:
     """Approach 2: restore every array with Orbax onto the default device and save them all again."""
-    from openpi_merge import checkpoint, sharding
+    from openpi_merge import checkpoint, sharding, storage
 
-    contents = checkpoint.read_contents(pathlib.Path(params_dir))
-    params = checkpoint.restore(pathlib.Path(params_dir), contents, sharding.single_device())
-    checkpoint.save(pathlib.Path(out_dir) / "params", params, value_suffix=contents.value_suffix)
+    contents = checkpoint.read_contents(storage.resolve(params_dir))
+    params = checkpoint.restore(storage.resolve(params_dir), contents, sharding.single_device())
+    checkpoint.save(storage.resolve(out_dir) / "params", params, value_suffix=contents.value_suffix)
 
 
 def _numpy_merge(params_dir: str, out_dir: str, config_name: str) -> None:
@@ -80,8 +85,35 @@ def _numpy_merge(params_dir: str, out_dir: str, config_name: str) -> None:
         checkpointer.save(pathlib.Path(out_dir) / "params", {"params": traverse_util.unflatten_dict(flat)})
 
 
-def _du(path: pathlib.Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def _du(path: str | pathlib.Path) -> int:
+    if "://" in str(path):  # Asked of a child: the parent stays free of Orbax and the storage clients.
+        command = [sys.executable, __file__, "_du", str(path)]
+        return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+    return sum(p.stat().st_size for p in pathlib.Path(path).rglob("*") if p.is_file())
+
+
+def _remote_du(prefix: str) -> None:
+    """Child process: prints the bytes of every object under ``prefix``."""
+    from openpi_merge import storage
+
+    fs, root = storage._filesystem(storage.resolve(prefix))
+    print(fs.du(root) if storage.objects(storage.resolve(prefix)) else 0)
+
+
+def _upload(step: str, prefix: str) -> None:
+    """Child process: copies a local step dir to ``prefix`` object by object, with Orbax's commit markers last."""
+    from openpi_merge import storage
+
+    storage.remove(storage.resolve(prefix))
+    storage.copy_tree(pathlib.Path(step), storage.resolve(prefix))
+    storage.write_marker(storage.resolve(prefix) / "params")
+    storage.write_marker(storage.resolve(prefix))
+
+
+def _remove(prefix: str) -> None:
+    from openpi_merge import storage
+
+    storage.remove(storage.resolve(prefix))
 
 
 def _ending(status: int) -> str:
@@ -91,7 +123,7 @@ def _ending(status: int) -> str:
     return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
-def _run(name: str, command: list[str], reads: str | pathlib.Path, writes: pathlib.Path) -> dict:
+def _run(name: str, command: list[str], reads: str | pathlib.Path, writes: str | pathlib.Path) -> dict:
     """Runs one approach as a child process; wall seconds and its own peak RSS (wait4), bytes on disk."""
     start = time.perf_counter()
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -102,7 +134,7 @@ def _run(name: str, command: list[str], reads: str | pathlib.Path, writes: pathl
     failure = None if status == 0 else _ending(status)
     if failure:
         print(f"{name} failed ({failure}):\n{stderr.decode()[-2000:]}", file=sys.stderr)
-    read, written = _du(pathlib.Path(reads)), (0 if failure else _du(writes))
+    read, written = _du(reads), (0 if failure else _du(writes))
     devices = re.search(r"devices: (.*)", stdout.decode())
     return {
         "approach": name,
@@ -176,7 +208,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out", help="where the markdown table and JSON go")
     parser.add_argument("--budget_gb", type=float, default=2.0, help="memory budget of the streamed openpi-merge run")
     parser.add_argument("--merge_flag", action="append", default=[], help="extra openpi-merge run: 'name=--config.x=1'")
+    parser.add_argument("--bucket", help="also time gs:// runs under this prefix; 'emulator': fake-gcs-server locally")
     args = parser.parse_args()
+    emulator = _start_emulator() if args.bucket == "emulator" else None
+    bucket = f"gs://{_EMULATOR_BUCKET}/bench" if emulator else args.bucket
 
     work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="openpi-merge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -207,11 +242,32 @@ def main() -> None:
         command = [python, "-m", "openpi_merge", f"--config={config}", f"--config.input={step}"]
         runs.append((name, [*command, f"--config.output={out(target)}", *flags.split()], params_dir, work / target))
 
+    if bucket:
+        remote_step = f"{bucket}/input/{pathlib.Path(step).name}"
+        subprocess.run([python, __file__, "_upload", str(step), remote_step], check=True)
+        remote_params, merge = f"{remote_step}/params", [python, "-m", "openpi_merge", f"--config={config}"]
+        runs += [
+            ("orbax restore+save, gs://", [python, __file__, "_orbax", remote_params, f"{bucket}/orbax"],
+             remote_params, f"{bucket}/orbax"),
+            ("openpi-merge, gs://", [*merge, f"--config.input={remote_step}", f"--config.output={bucket}/merged"],
+             remote_params, f"{bucket}/merged"),
+            (f"openpi-merge, gs://, {args.budget_gb:g} GB budget",
+             [*merge, f"--config.input={remote_step}", f"--config.output={bucket}/streamed",
+              f"--config.memory_budget_gb={args.budget_gb}"], remote_params, f"{bucket}/streamed"),
+        ]  # fmt: skip
+
     rows = []
     for name, command, reads, writes in runs:
         rows.append(_run(name, command, reads, writes))
         print(f"{name}: {rows[-1]['wall_s']:.1f} s, peak RSS {rows[-1]['peak_rss_gb']:.2f} GB", flush=True)
-        shutil.rmtree(writes, ignore_errors=True)
+        if "://" in str(writes):
+            subprocess.run([python, __file__, "_remove", str(writes)], check=True)
+        else:
+            shutil.rmtree(writes, ignore_errors=True)
+    if bucket:
+        subprocess.run([python, __file__, "_remove", f"{bucket}/input"], check=True)
+    if emulator:
+        emulator.kill()
 
     table = _table(rows, in_memory_gb)
     header = (
@@ -230,9 +286,25 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+_EMULATOR_BUCKET = "openpi-merge-bench"
+
+
+def _start_emulator():
+    """fake-gcs-server on 127.0.0.1 with a bucket; its environment set here, so every child reaches only it."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import gcs_emulator
+
+    emulator = gcs_emulator.start()
+    gcs_emulator.set_environment(emulator.url)
+    emulator.create_bucket(_EMULATOR_BUCKET)
+    return emulator
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_prepare":
         _prepare(*sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] in ("_du", "_upload", "_remove"):
+        {"_du": _remote_du, "_upload": _upload, "_remove": _remove}[sys.argv[1]](*sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "_orbax":
         _orbax_roundtrip(*sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "_numpy":

@@ -1,9 +1,11 @@
-"""Shared fixtures: small openpi-shaped LoRA checkpoints written by Orbax."""
+"""Shared fixtures: small openpi-shaped LoRA checkpoints written by Orbax, and a GCS emulator on 127.0.0.1."""
 
 import pathlib
 
 import pytest
+from etils import epath
 
+from openpi_merge import storage
 from openpi_merge.testing import synthetic
 
 
@@ -22,5 +24,48 @@ def tiny_checkpoint(tmp_path_factory):
             directory = tmp_path_factory.mktemp(f"{model}-{'value' if value_suffix else 'plain'}")
             cache[key] = synthetic.write_checkpoint(directory, model=model, value_suffix=value_suffix, **kwargs)
         return cache[key]
+
+    return make
+
+
+GCS_BUCKET = "openpi-merge-test"
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """One fake-gcs-server (in memory) for the session, with bucket ``GCS_BUCKET``; yields the emulator.
+
+    Its environment variables are set in this process (and so in every CLI subprocess) before any client is used:
+    gcsfs and tensorstore keep the first endpoint they see, so there is one emulator per session.
+    """
+    import gcs_emulator  # Only the gs:// tests need the test extra's emulator wrapper.
+
+    emulator = gcs_emulator.start()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in gcs_emulator.environment(emulator.url).items():
+            patch.setenv(name, value)
+        emulator.create_bucket(GCS_BUCKET)
+        yield emulator
+    emulator.kill()
+
+
+@pytest.fixture(scope="session")
+def gcs_checkpoint(gcs, tiny_checkpoint):
+    """Returns a function (model) -> gs:// step prefix holding the tiny checkpoint, as Orbax writes one on GCS.
+
+    The local checkpoint is copied object by object, with Orbax's commit markers (step and params) added last, as
+    orbax-checkpoint >= 0.11.14 leaves a step saved to gs:// (0.11.13 cannot save there at all).
+    """
+    cache = {}
+
+    def make(model: str) -> epath.Path:
+        if model not in cache:
+            local = tiny_checkpoint(model)
+            prefix = epath.Path(f"gs://{GCS_BUCKET}/inputs/{model}/{local.name}")
+            storage.copy_tree(local, prefix)
+            storage.write_marker(prefix / "params")
+            storage.write_marker(prefix)
+            cache[model] = prefix
+        return cache[model]
 
     return make

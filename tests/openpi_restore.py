@@ -12,11 +12,13 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 
 
 def main(step_dir: str) -> None:
-    params_path = pathlib.Path(step_dir).resolve() / "params"
+    # gs:// as openpi passes it (an epath); a local step dir as before.
+    params_path = epath.Path(step_dir) / "params" if "://" in step_dir else pathlib.Path(step_dir).resolve() / "params"
     with ocp.PyTreeCheckpointer() as ckptr:
         metadata = ckptr.metadata(params_path)
         # openpi's exact call under orbax-checkpoint 0.11.13; newer releases wrap the tree in item_metadata.
