@@ -25,6 +25,12 @@ def _env(hook: str | None) -> dict[str, str]:
     return env
 
 
+def cli_command(model: str, source: object, out: object, *overrides: str) -> list[str]:
+    """The command line of a merge of ``source`` into ``out`` with the repo's config for ``model``."""
+    args = (f"--config=configs/{model}_lora.py", f"--config.input={source}", f"--config.output={out}")
+    return [sys.executable, "-m", "openpi_merge", *args, *overrides]
+
+
 def run_cli(*args: str, cwd: pathlib.Path = REPO, hook: str | None = None) -> subprocess.CompletedProcess:
     """Runs ``python -m openpi_merge`` as a user would, from the repo root; ``hook``: a test hook to set."""
     return subprocess.run(

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import gcs_emulator
@@ -18,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import GCS_BUCKET
 from etils import epath
-from helpers import REPO, STEP_DIR_NAMES, restore_flat, run_cli
+from helpers import REPO, STEP_DIR_NAMES, cli_command, restore_flat, run_cli
 
 from openpi_merge import errors, objectstore_commit, storage
 
@@ -32,15 +31,7 @@ def _gs(*parts: str) -> str:
 
 
 def _command(source, out, *overrides) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "openpi_merge",
-        f"--config=configs/{MODEL}_lora.py",
-        f"--config.input={source}",
-        f"--config.output={out}",
-        *overrides,
-    ]
+    return cli_command(MODEL, source, out, *overrides)
 
 
 def _merge_result(source, out, *overrides) -> subprocess.CompletedProcess:

@@ -8,12 +8,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
 import pytest
-from helpers import REPO, file_hashes, restore_flat
+from helpers import REPO, cli_command, file_hashes, restore_flat
 from jax.sharding import PartitionSpec
 
 from openpi_merge import checkpoint, config, errors, plan, sharding, stream, summary
@@ -24,16 +23,7 @@ FLOAT32 = "--config.dtype=float32"
 
 
 def _command(step, out, *overrides) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "openpi_merge",
-        f"--config=configs/{MODEL}_lora.py",
-        f"--config.input={step}",
-        f"--config.output={out}",
-        FLOAT32,
-        *overrides,
-    ]
+    return cli_command(MODEL, step, out, FLOAT32, *overrides)
 
 
 def _env(devices: int) -> dict[str, str]:
