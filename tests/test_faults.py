@@ -16,7 +16,8 @@ import pytest
 from flax import traverse_util
 from helpers import REPO, error_line, run_cli, start_cli, tree_hashes, wait_for, write_params
 
-from openpi_merge import errors, synthetic
+from openpi_merge import errors
+from openpi_merge.testing import synthetic
 
 
 def _merge(step, out, *overrides, hook=None):
