@@ -32,6 +32,10 @@ def initialize(settings: config.DistributedSettings | None) -> None:
         raise errors.ConfigError(f"jax.distributed.initialize failed (check distributed.*): {reason[:300]}") from e
 
 
+def is_single_process() -> bool:
+    return jax.process_count() == 1
+
+
 def is_primary() -> bool:
     """Whether this is process 0, the one that commits the output and reports."""
     return jax.process_index() == 0

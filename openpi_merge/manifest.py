@@ -145,7 +145,8 @@ def _read(step_dir: storage.AnyPath) -> dict:
     return document
 
 
-def _groups(leaves: list[plan.Leaf], budget_bytes: int) -> Iterator[list[plan.Leaf]]:
+def groups(leaves: list[plan.Leaf], budget_bytes: int) -> Iterator[list[plan.Leaf]]:
+    """``leaves`` in order, in runs of at most ``budget_bytes`` (a larger leaf alone)."""
     group: list[plan.Leaf] = []
     for leaf in leaves:
         if group and sum(x.nbytes for x in group) + leaf.nbytes > budget_bytes:
@@ -191,7 +192,7 @@ def _check(step_dir: pathlib.Path, document: dict, layout: sharding.Layout, budg
                 f"{step_dir}: parameter {name} is {leaf.dtype.name}{list(leaf.shape)}, the manifest says "
                 f"{entry['dtype']}{entry['shape']}"
             )
-    for group in _groups(sorted(contents.leaves.values(), key=lambda leaf: leaf.name), budget_bytes):
+    for group in groups(sorted(contents.leaves.values(), key=lambda leaf: leaf.name), budget_bytes):
         stop()
         arrays = checkpoint.restore(source.params_dir, contents, layout, [leaf.path for leaf in group])
         for leaf in group:

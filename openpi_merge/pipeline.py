@@ -130,11 +130,28 @@ def merged_arrays(ctx: _Context, group: plan.Plan, *, again: bool = False) -> fu
         )
     if not again:
         ctx.outcome.checks += checks
-        with stopwatch.phase("digest"):
-            ctx.digests.add(merged)
-            if not whole:  # Streamed: the group's arrays are freed after its write, so its digests finish first.
-                ctx.digests.wait()
+        if distributed.is_single_process():  # Several processes: digested after the save (``_digest_written``).
+            with stopwatch.phase("digest"):
+                ctx.digests.add(merged)
+                if not whole:  # Streamed: the group's arrays are freed after its write, so its digests finish first.
+                    ctx.digests.wait()
     return merged
+
+
+def _digest_written(ctx: _Context, params_dir: storage.AnyPath) -> None:
+    """Several processes: digests the written arrays, read back a group at a time, gathered whole on every process.
+
+    Gathering is a collective of all processes; inside Orbax's save (where streamed groups are produced) it could
+    interleave with Orbax's own work differently on each process, so it runs here, in step on every process.
+    """
+    contents = checkpoint.read_contents(params_dir)
+    budget = ctx.settings.memory_budget_bytes or _CHECK_BUDGET_BYTES
+    for group in manifest.groups(sorted(contents.leaves.values(), key=lambda leaf: leaf.name), budget):
+        ctx.stop()
+        paths = [leaf.path for leaf in group]
+        committed = not storage.is_remote(params_dir)  # A bucket's save is restorable only by its handler until then.
+        ctx.digests.add(checkpoint.restore(params_dir, contents, ctx.layout, paths, committed=committed))
+        ctx.digests.wait()
 
 
 def _write(ctx: _Context, params_dir: pathlib.Path) -> Iterator[fuse.Params]:
@@ -207,6 +224,8 @@ def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
                 try:
                     written = _write(ctx, params_dir)
                     with stopwatch.phase("digest"):
+                        if not distributed.is_single_process():
+                            _digest_written(ctx, params_dir)
                         entries = digests.entries()
                     stop()
                     if distributed.is_primary():
