@@ -1,5 +1,6 @@
 """Every expected mistake ends in one clear line on stderr, a documented exit code, no traceback and no output."""
 
+import json
 import shutil
 
 import numpy as np
@@ -192,3 +193,13 @@ def test_missing_config_fields_and_files(tmp_path):
     _assert_fails(run_cli("--config=configs/nope.py"), errors.ConfigError, "no such file")
     _assert_fails(run_cli("--config=nope"), errors.ConfigError, "no shipped config 'nope'; shipped: example, pi05_lora")
     _assert_fails(run_cli(), errors.ConfigError, "no config given")
+
+
+def test_a_config_error_still_writes_the_report(tiny_checkpoint, tmp_path):
+    report = tmp_path / "report.json"
+    result = _merge(tiny_checkpoint("pi0"), tmp_path / "out", "--config.dtype=float16", f"--config.report={report}")
+    _assert_fails(result, errors.ConfigError, "dtype='float16' is not one of")
+    document = json.loads(report.read_text())
+    assert document["exit_code"] == errors.ConfigError.exit_code
+    assert "dtype='float16'" in document["error"]
+    assert not (tmp_path / "out").exists()
