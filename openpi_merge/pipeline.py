@@ -131,10 +131,7 @@ def merged_arrays(ctx: _Context, group: plan.Plan, *, again: bool = False) -> fu
     if not again:
         ctx.outcome.checks += checks
         if distributed.is_single_process():  # Several processes: digested after the save (``_digest_written``).
-            with stopwatch.phase("digest"):
-                ctx.digests.add(merged)
-                if not whole:  # Streamed: the group's arrays are freed after its write, so its digests finish first.
-                    ctx.digests.wait()
+            ctx.digests.add(merged)  # Hashed in threads while Orbax writes; streamed, waited for once it has.
     return merged
 
 
@@ -160,7 +157,13 @@ def _write(ctx: _Context, params_dir: pathlib.Path) -> Iterator[fuse.Params]:
     if ctx.settings.memory_budget_bytes:
         groups = stream.make_groups(merge_plan, ctx.settings.memory_budget_bytes)
         ctx.outcome.details += stream.describe(groups, ctx.settings.memory_budget_bytes)
-        stream.save(params_dir, groups, functools.partial(merged_arrays, ctx), value_suffix=value_suffix)
+        stream.save(
+            params_dir,
+            groups,
+            functools.partial(merged_arrays, ctx),
+            value_suffix=value_suffix,
+            written=lambda group: ctx.digests.wait(),  # A group's arrays are freed only once hashed.
+        )
         return (merged_arrays(ctx, group, again=True) for group in groups)  # Lazy: runs only for the reload check.
     merged = merged_arrays(ctx, merge_plan)
     with ctx.outcome.stopwatch.phase("save"):

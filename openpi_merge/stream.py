@@ -75,8 +75,8 @@ class _Pending:
 class _GroupWriter(ocp.type_handlers.TypeHandler):
     """Writes ``_Pending`` leaves group by group through Orbax's ``ArrayHandler``; see the module docstring."""
 
-    def __init__(self, produce: Callable[[int], dict[plan.Path, jax.Array]]):
-        self._produce = produce
+    def __init__(self, produce: Callable[[int], dict[plan.Path, jax.Array]], written: Callable[[int], None]):
+        self._produce, self._written = produce, written
         self._typestr = ocp.type_handlers.ArrayHandler().typestr()
 
     def typestr(self) -> str:
@@ -102,6 +102,7 @@ class _GroupWriter(ocp.type_handlers.TypeHandler):
             )
             for committed in futures:
                 await asyncio.to_thread(committed.result)
+            await asyncio.to_thread(self._written, group)
         return []
 
 
@@ -111,8 +112,11 @@ def save(
     produce: Callable[[plan.Plan], dict[plan.Path, jax.Array]],
     *,
     value_suffix: bool,
+    written: Callable[[plan.Plan], None] = lambda group: None,
 ) -> None:
-    """Writes the merged tree to ``params_dir``, calling ``produce(group)`` for its arrays only when Orbax writes it."""
+    """Writes the merged tree to ``params_dir``, calling ``produce(group)`` for its arrays only when Orbax writes it,
+    and ``written(group)`` once they are written (before the next group is produced)."""
     pending = {leaf.path: _Pending(leaf.path, i) for i, group in enumerate(groups) for leaf in group.leaves_out}
-    registry = ocp.type_handlers.create_type_handler_registry((_Pending, _GroupWriter(lambda i: produce(groups[i]))))
+    writer = _GroupWriter(lambda i: produce(groups[i]), lambda i: written(groups[i]))
+    registry = ocp.type_handlers.create_type_handler_registry((_Pending, writer))
     checkpoint.save(params_dir, pending, value_suffix=value_suffix, type_handler_registry=registry)

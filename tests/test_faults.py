@@ -197,13 +197,14 @@ def test_a_report_path_that_is_a_directory_is_refused_before_the_merge(input_cop
     assert json.loads(report.read_text())["exit_code"] == 0
 
 
-def test_nan_in_a_kept_leaf_exits_5_naming_it(tmp_path):
+@pytest.mark.parametrize("mode", [(), ("--config.memory_budget_gb=0.0001",)], ids=["in-memory", "streamed"])
+def test_nan_in_a_kept_leaf_exits_5_naming_it(tmp_path, mode):
     flat = traverse_util.flatten_dict(synthetic.make_params("pi0", "tiny"))
     path = ("PaliGemma", "img", "embedding", "kernel")
     flat[path] = np.asarray(flat[path]).copy()
     flat[path].reshape(-1)[3] = np.nan
     write_params(tmp_path / "nan" / "params", flat)
-    result = _merge(tmp_path / "nan", tmp_path / "merged")
+    result = _merge(tmp_path / "nan", tmp_path / "merged", *mode)
     error_line(result.returncode, result.stderr, errors.NumericsError.exit_code, "PaliGemma/img/embedding/kernel")
     assert not (tmp_path / "merged").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]
