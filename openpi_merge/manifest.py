@@ -97,6 +97,12 @@ class Digests:
                     "copied, not merged); fix or re-export the checkpoint"
                 )
 
+    def add_digested(self, leaf: plan.Leaf, sha256: str, finite: bool) -> None:
+        """Records a digest computed elsewhere (``digest_params``, in a process of its own)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_result((sha256, finite or not (leaf.path in self._check_finite and _is_float(leaf.dtype))))
+        self._pending[leaf.path] = (leaf, future)
+
     def entries(self) -> dict[str, dict]:
         self.wait()
         return {leaf.name: _entry(leaf, future.result()[0]) for leaf, future in self._pending.values()}
@@ -213,3 +219,27 @@ def _check(step_dir: pathlib.Path, document: dict, layout: sharding.Layout, budg
         f"openpi-merge: {step_dir} matches its manifest: {len(recorded)} parameters "
         f"({sum(leaf.nbytes for leaf in contents.leaves.values()) / 1e9:.3g} GB) and {len(assets)} asset files"
     )
+
+
+def digest_params(params_dir: storage.AnyPath, *, budget_bytes: int, committed: bool) -> dict[str, list]:
+    """``{leaf name: [sha256, finite]}`` of every array in a params dir, read a group at a time on this process alone.
+
+    A multi-process merge runs this in a child process of process 0 (``python -m openpi_merge.manifest``): gathering
+    whole arrays across processes with JAX collectives deadlocked intermittently next to Orbax's multi-process save.
+    """
+    contents = checkpoint.read_contents(params_dir)
+    layout = sharding.single_device()
+    digests = {}
+    for group in groups(sorted(contents.leaves.values(), key=lambda leaf: leaf.name), budget_bytes):
+        arrays = checkpoint.restore(params_dir, contents, layout, [leaf.path for leaf in group], committed=committed)
+        for leaf in group:
+            digests[leaf.name] = list(_digest(_host(arrays.pop(leaf.path)), finite=_is_float(leaf.dtype)))
+    return digests
+
+
+if __name__ == "__main__":  # python -m openpi_merge.manifest PARAMS_DIR BUDGET_BYTES COMMITTED: digests as JSON.
+    import sys
+
+    directory, budget, is_committed = sys.argv[1:]
+    result = digest_params(storage.resolve(directory), budget_bytes=int(budget), committed=is_committed == "1")
+    print(json.dumps(result))

@@ -15,8 +15,11 @@ interrupted run stops where no Orbax write is in flight, and ``commit.staged`` r
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import pathlib
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 from openpi_merge import (
@@ -136,19 +139,27 @@ def merged_arrays(ctx: _Context, group: plan.Plan, *, again: bool = False) -> fu
 
 
 def _digest_written(ctx: _Context, params_dir: storage.AnyPath) -> None:
-    """Several processes: digests the written arrays, read back a group at a time, gathered whole on every process.
+    """Several processes: process 0 digests the written arrays in a child process that is no part of the job.
 
-    Gathering is a collective of all processes; inside Orbax's save (where streamed groups are produced) it could
-    interleave with Orbax's own work differently on each process, so it runs here, in step on every process.
+    The arrays are sharded over every process, and the digests need each whole. Gathering them with JAX collectives
+    deadlocked intermittently next to Orbax's multi-process save, so a plain single-process reader (on the CPU, so it
+    never contends for the job's accelerators) reads the staged arrays back, a group at a time, on process 0.
+    Raises EnvironmentFaultError if that reader fails.
     """
-    contents = checkpoint.read_contents(params_dir)
+    if not distributed.is_primary():
+        return
+    ctx.stop()
     budget = ctx.settings.memory_budget_bytes or _CHECK_BUDGET_BYTES
-    for group in manifest.groups(sorted(contents.leaves.values(), key=lambda leaf: leaf.name), budget):
-        ctx.stop()
-        paths = [leaf.path for leaf in group]
-        committed = not storage.is_remote(params_dir)  # A bucket's save is restorable only by its handler until then.
-        ctx.digests.add(checkpoint.restore(params_dir, contents, ctx.layout, paths, committed=committed))
-        ctx.digests.wait()
+    committed = "0" if storage.is_remote(params_dir) else "1"  # A bucket's save restores by its handler until then.
+    command = [sys.executable, "-m", "openpi_merge.manifest", str(params_dir), str(budget), committed]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise errors.EnvironmentFaultError(f"cannot read back {params_dir} to checksum it: {last[:300]}")
+    leaves = {leaf.name: leaf for leaf in ctx.outcome.merge_plan.leaves_out}
+    for name, (sha256, finite) in json.loads(result.stdout.strip().splitlines()[-1]).items():
+        ctx.digests.add_digested(leaves[name], sha256, finite)
 
 
 def _write(ctx: _Context, params_dir: pathlib.Path) -> Iterator[fuse.Params]:

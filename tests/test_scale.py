@@ -4,6 +4,7 @@ JAX reads XLA_FLAGS once, at import: runs with 8 (or 2 x 4) forced CPU devices g
 Merged kernels are written float32 here, so no difference hides in a rounding to bfloat16.
 """
 
+import json
 import os
 import signal
 import socket
@@ -85,6 +86,9 @@ def _assert_same_params(got_step, want_step):
     for path, value in want.items():
         assert (got[path].dtype, got[path].shape) == (value.dtype, value.shape), path
         assert got[path].tobytes() == value.tobytes(), f"{'/'.join(path)} differs"
+    # The integrity manifest records the same checksums whatever the mesh, mode or process count.
+    manifests = [json.loads((step / "openpi_merge_manifest.json").read_text()) for step in (got_step, want_step)]
+    assert manifests[0]["params"] == manifests[1]["params"]
 
 
 @pytest.fixture(scope="module")
