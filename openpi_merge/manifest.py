@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from openpi_merge import checkpoint, errors, plan, sharding, storage
 
@@ -40,9 +39,8 @@ _WORKERS = max(2, os.cpu_count() or 2)  # hashlib and numpy release the GIL on l
 
 
 def _host(array: jax.Array | np.ndarray) -> np.ndarray:
-    """The whole array on this host: a view where JAX allows one; across processes, gathered from all of them."""
-    if isinstance(array, jax.Array) and not array.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    """The whole array on this host (a view of a CPU array); arrays split across processes are read back instead
+    (see ``digest_params``)."""
     return np.ascontiguousarray(np.asarray(array))
 
 
@@ -76,17 +74,11 @@ class Digests:
         self._pending: dict[plan.Path, tuple[plan.Leaf, concurrent.futures.Future]] = {}
 
     def add(self, arrays: dict[plan.Path, jax.Array]) -> None:
-        """Starts hashing ``arrays`` (multi-process: every process must call this, for the same arrays)."""
+        """Starts hashing ``arrays``, each whole on this process."""
         for path, array in arrays.items():
             leaf = plan.Leaf(path=path, shape=tuple(array.shape), dtype=np.dtype(array.dtype))
             finite = path in self._check_finite and _is_float(leaf.dtype)
-            if isinstance(array, jax.Array) and not array.is_fully_addressable:
-                # Gathered from every process: hashed at once, so one gathered copy exists at a time.
-                future: concurrent.futures.Future = concurrent.futures.Future()
-                future.set_result(_digest(_host(array), finite=finite))
-            else:
-                future = self._pool.submit(_digest, _host(array), finite=finite)
-            self._pending[path] = (leaf, future)
+            self._pending[path] = (leaf, self._pool.submit(_digest, _host(array), finite=finite))
 
     def wait(self) -> None:
         """Waits for every digest started so far; raises NumericsError for a kept leaf holding NaN or Inf."""
