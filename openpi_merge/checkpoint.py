@@ -234,8 +234,8 @@ def check_written(
     contents = read_contents(params_dir)
     if contents.value_suffix != value_suffix or contents.leaves != {leaf.path: leaf for leaf in leaves}:
         raise errors.NumericsError(f"{params_dir} does not hold the tree that was written")
+    committed = not storage.is_remote(params_dir)
     for params in merged:
-        committed = not storage.is_remote(params_dir)
         for path, array in restore(params_dir, contents, layout, paths=params, committed=committed).items():
             if not _same_bits(array, params[path]):
                 raise errors.NumericsError(f"{params_dir}: {'/'.join(path)} reads back different from what was written")

@@ -96,12 +96,6 @@ def _hidden(target: pathlib.Path, suffix: str) -> pathlib.Path:
     return target.parent / f".{target.name}{suffix}"
 
 
-def _fault(error: OSError, path: pathlib.Path, doing: str) -> errors.MergeError:
-    return errors.environment_fault(error, path, doing) or errors.EnvironmentFaultError(
-        f"{doing} {path}: {error.strerror or error}"
-    )
-
-
 def fsync_dir(path: pathlib.Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -253,14 +247,14 @@ def claim(target: pathlib.Path, *, overwrite: bool, needed_bytes: int, primary: 
         target.parent.mkdir(parents=True, exist_ok=True)
         fd = _lock(_hidden(target, _LOCK))
     except OSError as e:
-        raise _fault(e, target.parent, "cannot write in the output's directory") from e
+        raise errors.os_fault(e, target.parent, "cannot write in the output's directory") from e
     held = Claim(target, overwrite, [], fd)
     try:
         try:
             _write_holder(fd)
             held.notes += _repair(target)
         except OSError as e:
-            raise _fault(e, target.parent, "cannot prepare the output beside") from e
+            raise errors.os_fault(e, target.parent, "cannot prepare the output beside") from e
         held.refuse_existing()
         if target.exists() and not target.is_dir():
             raise errors.OutputError(f"output {target} exists and is not a directory: remove it or write elsewhere")
@@ -294,7 +288,7 @@ def staged(
         try:
             staging.mkdir()
         except OSError as e:
-            raise _fault(e, staging.parent, "cannot create a staging dir in") from e
+            raise errors.os_fault(e, staging.parent, "cannot create a staging dir in") from e
     barrier("staging-ready")
     committed = False
     try:
@@ -308,7 +302,7 @@ def staged(
             try:
                 fsync_tree(staging)
             except OSError as e:
-                raise _fault(e, staging, "cannot flush") from e
+                raise errors.os_fault(e, staging, "cannot flush") from e
             held.refuse_existing()
             _commit(staging, held.target)
         committed = True
@@ -343,4 +337,4 @@ def _commit(staging: pathlib.Path, target: pathlib.Path) -> None:
         fsync_dir(parent)
         shutil.rmtree(previous, ignore_errors=True)
     except OSError as e:
-        raise _fault(e, target, "cannot replace output") from e
+        raise errors.os_fault(e, target, "cannot replace output") from e

@@ -101,3 +101,8 @@ def environment_fault(error: BaseException, path: object, doing: str) -> Environ
     if code is None:
         return None
     return EnvironmentFaultError(f"{doing} {path}: {_FIXES[code]}")
+
+
+def os_fault(error: OSError, path: object, doing: str) -> EnvironmentFaultError:
+    """An OSError as one line naming ``path``, with the fix where its errno is one we know."""
+    return environment_fault(error, path, doing) or EnvironmentFaultError(f"{doing} {path}: {error.strerror or error}")

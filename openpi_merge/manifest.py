@@ -190,16 +190,13 @@ def _check(step_dir: pathlib.Path, document: dict, layout: sharding.Layout, budg
                 f"{step_dir}: parameter {name} is {leaf.dtype.name}{list(leaf.shape)}, the manifest says "
                 f"{entry['dtype']}{entry['shape']}"
             )
-    for group in groups(sorted(contents.leaves.values(), key=lambda leaf: leaf.name), budget_bytes):
-        stop()
-        arrays = checkpoint.restore(source.params_dir, contents, layout, [leaf.path for leaf in group])
-        for leaf in group:
-            sha256, _ = _digest(_host(arrays.pop(leaf.path)), finite=False)
-            if sha256 != recorded[leaf.name]["sha256"]:
-                raise errors.NumericsError(
-                    f"{step_dir}: parameter {leaf.name} differs from what openpi-merge wrote (sha256 mismatch): the "
-                    "copy is damaged; copy it again from the original"
-                )
+    digests = _read_digests(source.params_dir, contents, layout, budget_bytes, finite=False, stop=stop)
+    for leaf, sha256, _ in digests:
+        if sha256 != recorded[leaf.name]["sha256"]:
+            raise errors.NumericsError(
+                f"{step_dir}: parameter {leaf.name} differs from what openpi-merge wrote (sha256 mismatch): the "
+                "copy is damaged; copy it again from the original"
+            )
     assets = _assets(step_dir)
     for name in sorted(document["assets"].keys() | assets.keys()):
         if assets.get(name) != document["assets"].get(name):
@@ -213,6 +210,25 @@ def _check(step_dir: pathlib.Path, document: dict, layout: sharding.Layout, budg
     )
 
 
+def _read_digests(
+    params_dir: storage.AnyPath,
+    contents: checkpoint.Contents,
+    layout: sharding.Layout,
+    budget_bytes: int,
+    *,
+    committed: bool = True,
+    finite: bool = True,
+    stop: Callable[[], None] = lambda: None,
+) -> Iterator[tuple[plan.Leaf, str, bool]]:
+    """(leaf, sha256, finite) of every stored array in name order, restored about ``budget_bytes`` at a time;
+    ``finite=False`` skips the NaN/Inf test (then always True)."""
+    for group in groups(sorted(contents.leaves.values(), key=lambda leaf: leaf.name), budget_bytes):
+        stop()
+        arrays = checkpoint.restore(params_dir, contents, layout, [leaf.path for leaf in group], committed=committed)
+        for leaf in group:
+            yield leaf, *_digest(_host(arrays.pop(leaf.path)), finite=finite and _is_float(leaf.dtype))
+
+
 def digest_params(params_dir: storage.AnyPath, *, budget_bytes: int, committed: bool) -> dict[str, list]:
     """``{leaf name: [sha256, finite]}`` of every array in a params dir, read a group at a time on this process alone.
 
@@ -220,13 +236,8 @@ def digest_params(params_dir: storage.AnyPath, *, budget_bytes: int, committed: 
     whole arrays across processes with JAX collectives deadlocked intermittently next to Orbax's multi-process save.
     """
     contents = checkpoint.read_contents(params_dir)
-    layout = sharding.single_device()
-    digests = {}
-    for group in groups(sorted(contents.leaves.values(), key=lambda leaf: leaf.name), budget_bytes):
-        arrays = checkpoint.restore(params_dir, contents, layout, [leaf.path for leaf in group], committed=committed)
-        for leaf in group:
-            digests[leaf.name] = list(_digest(_host(arrays.pop(leaf.path)), finite=_is_float(leaf.dtype)))
-    return digests
+    digests = _read_digests(params_dir, contents, sharding.single_device(), budget_bytes, committed=committed)
+    return {leaf.name: [sha256, finite] for leaf, sha256, finite in digests}
 
 
 if __name__ == "__main__":  # python -m openpi_merge.manifest PARAMS_DIR BUDGET_BYTES COMMITTED: digests as JSON.

@@ -56,10 +56,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from openpi_merge import distributed, errors, storage
+from openpi_merge.openpi_layout import PARAMS_KEY
 
 CLAIM = ".openpi-merge-unfinished"
-_PARAMS = "params"  # checkpoint.PARAMS_KEY: the params dir of a step (imported the other way round).
-_PARAMS_MARKER = f"{_PARAMS}/{storage.COMMIT_FILE}"
+_PARAMS_MARKER = f"{PARAMS_KEY}/{storage.COMMIT_FILE}"
 _MARKERS = (_PARAMS_MARKER, storage.COMMIT_FILE)  # Written in this order, deleted in the reverse.
 _STAGING = ".openpi-merge-tmp-"
 # The errors storage clients raise for a missing bucket, a refused permission or a dead connection (gcsfs: OSError
@@ -132,7 +132,7 @@ def _commit_in_place(prefix: epath.Path, token: str) -> None:
             "run one merge per output"
         )
     storage.remove(prefix / storage.ORBAX_COMMIT_DIR)
-    storage.write_marker(prefix / _PARAMS)
+    storage.write_marker(prefix / PARAMS_KEY)
     storage.write_marker(prefix)
     storage.remove(prefix, [CLAIM])
 

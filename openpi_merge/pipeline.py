@@ -182,11 +182,6 @@ def _write(ctx: _Context, params_dir: pathlib.Path) -> Iterator[fuse.Params]:
     return iter([merged])
 
 
-def _save_fault(error: Exception, staging: pathlib.Path) -> errors.MergeError | None:
-    """A failed write as one line, if the environment caused it (disk full, read-only, ...)."""
-    return errors.environment_fault(error, staging.parent, "cannot write the output in")
-
-
 @contextlib.contextmanager
 def _claimed(settings: config.Settings, target: storage.AnyPath, needed_bytes: int) -> Iterator[commit.Claim | None]:
     """Holds the output for the run: the local lock and its checks (``commit``); on object storage, where no lock
@@ -250,7 +245,7 @@ def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
                             )
                             manifest.write(staging, entries, value_suffix=given.contents.value_suffix)
                 except (OSError, ValueError, RuntimeError) as e:  # Orbax and TensorStore raise all three.
-                    if fault := _save_fault(e, staging):
+                    if fault := errors.environment_fault(e, staging.parent, "cannot write the output in"):
                         raise fault from e
                     raise
                 if settings.verify_reload:

@@ -123,6 +123,4 @@ def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: s
     except OSError as e:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
-        raise errors.environment_fault(e, target, "cannot write the report") or errors.EnvironmentFaultError(
-            f"cannot write the report {target}: {e.strerror or e}"
-        ) from e
+        raise errors.os_fault(e, target, "cannot write the report") from e
