@@ -8,9 +8,10 @@ Reads the Orbax checkpoint, pairs every kernel with its LoRA factors, fuses ``W 
 itself is ``pipeline``'s; this module owns the command line, signals and exit codes.
 """
 
-from openpi_merge import signals
+from openpi_merge import memory, signals
 
 signals.install()  # Before the heavy imports below: a Ctrl-C during start-up ends the run with one line too.
+memory.limit_arenas()  # Before TensorStore and XLA start their threads.
 
 import contextlib
 import dataclasses

@@ -115,12 +115,13 @@ _ARRAY_KEY = re.compile(r"\b(params(?:\.[\w-]+)+)/")
 _REPR = re.compile(r"(TensorStore|Spec)\(\{.*?\}\)")
 
 
-def _unreadable(params_dir: storage.AnyPath, error: Exception) -> errors.InputError:
-    """A read failure as one line: the parameter it hit where the text names one, and no TensorStore spec dumps."""
+def unreadable(params_dir: storage.AnyPath, error: Exception, at: plan.Path | None = None) -> errors.InputError:
+    """A read failure as one line: the parameter it hit (``at``, or where the text names one), and no TensorStore
+    spec dumps."""
     text = str(error).strip()
     reason = _REPR.sub(r"\1(...)", text.splitlines()[0]) if text else type(error).__name__
-    where = ""
-    if match := _ARRAY_KEY.search(text):
+    where = f" at parameter {'/'.join(at)}" if at else ""
+    if not at and (match := _ARRAY_KEY.search(text)):
         parts = match[1].split(".")[1:]
         where = f" at parameter {'/'.join(parts[:-1] if parts[-1] == VALUE_SUFFIX else parts)}"
     return errors.InputError(f"cannot read checkpoint {params_dir}{where} (truncated or corrupt?): {reason[:300]}")
@@ -131,7 +132,7 @@ def _metadata_tree(params_dir: storage.AnyPath) -> dict:
         with _checkpointer() as checkpointer:
             metadata = checkpointer.metadata(params_dir)
     except Exception as e:  # Orbax and tensorstore raise many types for a damaged checkpoint.
-        raise _unreadable(params_dir, e) from e
+        raise unreadable(params_dir, e) from e
     # orbax-checkpoint 0.11 returns the tree itself, later releases a StepMetadata holding it.
     tree = getattr(metadata, "item_metadata", metadata)
     if tree is None or not hasattr(tree, "keys"):  # Newer Orbax logs a damaged tree and returns None.
@@ -192,7 +193,7 @@ def restore(
                 params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, **partial)
             )
     except Exception as e:  # As in _metadata_tree: a damaged file surfaces as any of many exception types.
-        raise _unreadable(params_dir, e) from e
+        raise unreadable(params_dir, e) from e
     flat = traverse_util.flatten_dict(restored[PARAMS_KEY])
     return {path[:-1] if contents.value_suffix else path: array for path, array in flat.items()}
 

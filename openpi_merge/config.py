@@ -76,8 +76,8 @@ FIELDS: tuple[Field, ...] = (
           "`LoRAConfig.axes` for the attention Einsum modules"),
     Field("mesh", "", '`""`', "device mesh, e.g. `fsdp=-1` or `fsdp=4,tp=2` (`-1`: the devices the other axes leave); "
           "empty: one device. See Scale in the README"),
-    Field("memory_budget_gb", 0.0, "`0`", "`> 0`: restore, fuse and write group by group within about this much "
-          "memory; `0`: the whole tree at once. See Scale in the README"),
+    Field("memory_budget_gb", "auto", "`auto`", "memory the arrays in flight may take, in GB: `auto` (half of what "
+          "is available, at most 4), a number, or `none` (no limit). See Scale in the README"),
     Field("distributed.enabled", False, "`False`", "run as one process of a multi-host job "
           "(`jax.distributed.initialize()`); needs a `mesh`"),
     Field("distributed.coordinator_address", str, "JAX's detection", "`host:port` of "
@@ -157,7 +157,7 @@ class Settings:
     report: str
     experts: dict[str, ExpertSettings]  # Keyed by module-name suffix: "" for PaliGemma, "_1" for the action expert.
     mesh: MeshSpec  # Empty: JAX's default device alone.
-    memory_budget_bytes: int  # 0: the whole tree in memory at once.
+    memory_budget_bytes: int | None  # None: auto (``stream.auto_budget``); 0: no limit.
     distributed: DistributedSettings | None  # None: a single process.
     train_config: str | None = None  # The openpi TrainConfig the settings came from, if any.
     train_config_source: str | None = None  # "command line" or "input path".
@@ -301,10 +301,7 @@ def read_settings(config: ml_collections.ConfigDict, *, openpi: openpi_config.Op
         for field in openpi_layout.MODEL_EXPERTS[config.model]
     }
     mesh = parse_mesh(config.mesh)
-    if not 0 <= config.memory_budget_gb < math.inf:
-        raise errors.ConfigError(
-            f"memory_budget_gb={config.memory_budget_gb} must be a positive finite number (or 0: no budget)"
-        )
+    memory_budget_bytes = _memory_budget(config.memory_budget_gb)
     return Settings(
         model=config.model,
         input=config.input,
@@ -318,13 +315,31 @@ def read_settings(config: ml_collections.ConfigDict, *, openpi: openpi_config.Op
         report=config.report,
         experts=experts,
         mesh=mesh,
-        memory_budget_bytes=round(config.memory_budget_gb * 1e9),
+        memory_budget_bytes=memory_budget_bytes,
         distributed=_read_distributed(config.distributed, mesh),
         train_config=train and train.name,
         train_config_source=train_source,
         openpi=openpi and openpi.location,
         progress=bool(config.progress),
     )
+
+
+def _memory_budget(value: Any) -> int | None:
+    """``memory_budget_gb`` in bytes: None for ``auto``, 0 for ``none`` (or 0)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    if text == "none":
+        return 0
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = math.nan
+    if not 0 <= gb < math.inf:
+        raise errors.ConfigError(
+            f"memory_budget_gb={value} must be auto, none, or a positive finite number of GB (e.g. 2)"
+        )
+    return round(gb * 1e9)
 
 
 def _read_distributed(distributed: ml_collections.ConfigDict, mesh: MeshSpec) -> DistributedSettings | None:

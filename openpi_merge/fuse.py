@@ -218,6 +218,30 @@ def _place(x: jax.Array | np.ndarray, where: jax.sharding.Sharding) -> jax.Array
     return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
 
+def _check(pair: plan.Pair, stats: list[jax.Array], *, verify: bool) -> Check:
+    """The pair's Check from its layers' stats; raises NumericsError on NaN or Inf, or a failed verification."""
+    finite, max_diff, max_output, bound_ratio, changed, update_sq, lost_sq = np.asarray(jnp.stack(stats)).T
+    if not finite.all():
+        raise errors.NumericsError(f"merging {pair.kernel.name} produced NaN or Inf: the input holds non-finite values")
+    rounding = {
+        "changed_fraction": float(changed.mean()),  # Every layer has the same size.
+        "rounding_loss": float(
+            np.sqrt(lost_sq.sum(dtype=np.float64)) / max(np.sqrt(update_sq.sum(dtype=np.float64)), 1e-30)
+        ),
+    }
+    if not verify:
+        return Check(pair, None, None, **rounding)
+    relative_error = float(max_diff.max() / max(max_output.max(), 1e-30))
+    check = Check(pair, relative_error, float(bound_ratio.max()), **rounding)
+    if not check.bound_ratio <= 1.0:
+        raise errors.NumericsError(
+            f"verification failed for {pair.kernel.name}: merged outputs differ from the LoRA path by "
+            f"{check.bound_ratio:.3g}x what {pair.out_dtype.name} rounding explains (relative error "
+            f"{check.relative_error:.3g})"
+        )
+    return check
+
+
 def fuse_pair(
     pair: plan.Pair,
     kernel: jax.Array,
@@ -248,26 +272,7 @@ def fuse_pair(
         layer = steps.take_layer(target if in_place else kernel, index)
         target, layer_stats = steps.write_layer(target, layer, lora_a, lora_b, probes, index)
         stats.append(layer_stats)
-    finite, max_diff, max_output, bound_ratio, changed, update_sq, lost_sq = np.asarray(jnp.stack(stats)).T
-    if not finite.all():
-        raise errors.NumericsError(f"merging {pair.kernel.name} produced NaN or Inf: the input holds non-finite values")
-    rounding = {
-        "changed_fraction": float(changed.mean()),  # Every layer has the same size.
-        "rounding_loss": float(
-            np.sqrt(lost_sq.sum(dtype=np.float64)) / max(np.sqrt(update_sq.sum(dtype=np.float64)), 1e-30)
-        ),
-    }
-    if not verify:
-        return target, Check(pair, None, None, **rounding)
-    relative_error = float(max_diff.max() / max(max_output.max(), 1e-30))
-    check = Check(pair, relative_error, float(bound_ratio.max()), **rounding)
-    if not check.bound_ratio <= 1.0:
-        raise errors.NumericsError(
-            f"verification failed for {pair.kernel.name}: merged outputs differ from the LoRA path by "
-            f"{check.bound_ratio:.3g}x what {pair.out_dtype.name} rounding explains (relative error "
-            f"{check.relative_error:.3g})"
-        )
-    return target, check
+    return target, _check(pair, stats, verify=verify)
 
 
 def first_per_pair(checks: list[Check]) -> list[Check]:
@@ -308,3 +313,37 @@ def fuse_all(
         if on_pair is not None:
             on_pair(pair)
     return params, checks
+
+
+class LayerFuser:
+    """Fuses one pair a layer at a time on one device (the streaming path): ``fuse`` each layer, then ``finish``."""
+
+    def __init__(self, pair: plan.Pair, *, verify: bool, seed: int, device: jax.Device):
+        self.pair, self._verify, self._device = pair, verify, device
+        step = _make_step(pair, verify=verify)
+        batch_shape = pair.kernel.shape[: pair.batch_ndim]
+        self._probes = np.random.default_rng(seed).standard_normal(
+            (*batch_shape, *(step.probe_shape or ())), np.float32
+        )
+        self._fn = _layer_step(step, device)
+        self._stats: list[jax.Array] = []
+
+    def fuse(self, index: tuple[int, ...], kernel, lora_a, lora_b) -> jax.Array:
+        """The stored layer ``index`` (dispatched, not waited for); its stats are kept for ``finish``."""
+        operands = (kernel, lora_a, lora_b, self._probes[index])
+        stored, stats = self._fn(*(jax.device_put(x, self._device) for x in operands))
+        self._stats.append(stats)
+        return stored
+
+    def finish(self) -> Check:
+        """Raises NumericsError as ``fuse_pair`` does."""
+        return _check(self.pair, self._stats, verify=self._verify)
+
+
+@functools.cache
+def _layer_step(step: _Step, device: jax.Device) -> Callable:
+    return jax.jit(functools.partial(_fuse_layer, step, whole=jax.sharding.SingleDeviceSharding(device)))
+
+
+def layer_fuser(pair: plan.Pair, *, verify: bool, seed: int, device: jax.Device) -> LayerFuser:
+    return LayerFuser(pair, verify=verify, seed=seed, device=device)

@@ -44,16 +44,23 @@ def _host(array: jax.Array | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(array))
 
 
-def _digest(array: np.ndarray, *, finite: bool) -> tuple[str, bool]:
-    """sha256 of the array's C-order bytes, and (if ``finite``) whether it holds no NaN or Inf."""
-    flat = array.reshape(-1)
+def _update(digest, array: np.ndarray, *, finite: bool) -> bool:
+    """Adds the array's C-order bytes to ``digest``; returns whether (if ``finite``) it holds no NaN or Inf."""
+    flat = np.ascontiguousarray(array).reshape(-1)
     step = max(1, _CHUNK_BYTES // max(1, array.itemsize))
-    digest, ok = hashlib.sha256(), True
+    ok = True
     for start in range(0, flat.size, step):
         chunk = flat[start : start + step]
         digest.update(memoryview(chunk.view(np.uint8)))
         if finite and ok:
             ok = bool(np.isfinite(chunk).all())
+    return ok
+
+
+def _digest(array: np.ndarray, *, finite: bool) -> tuple[str, bool]:
+    """sha256 of the array's C-order bytes, and (if ``finite``) whether it holds no NaN or Inf."""
+    digest = hashlib.sha256()
+    ok = _update(digest, array, finite=finite)
     return digest.hexdigest(), ok
 
 
@@ -66,12 +73,33 @@ def _is_float(dtype: np.dtype) -> bool:
 
 
 class Digests:
-    """Digests of the arrays as they are written; ``add`` starts hashing in threads, ``entries`` waits for them."""
+    """Digests of the arrays as they are written; ``add`` starts hashing in threads, ``entries`` waits for them.
+
+    An array written in slices is hashed slice by slice, in order, on one thread of its own: ``update`` each slice
+    (first axis, in order), then ``finish``.
+    """
 
     def __init__(self, check_finite: Iterable[plan.Path] = ()) -> None:
         self._check_finite = set(check_finite)
         self._pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="openpi-merge-digest")
+        self._lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="openpi-merge-digest-slices")
         self._pending: dict[plan.Path, tuple[plan.Leaf, concurrent.futures.Future]] = {}
+        self._running: dict[plan.Path, tuple[object, list[bool]]] = {}
+
+    def update(self, leaf: plan.Leaf, block: np.ndarray) -> concurrent.futures.Future:
+        """Hashes the next slice of ``leaf`` (after every slice given before); the future is done once it is."""
+        digest, ok = self._running.setdefault(leaf.path, (hashlib.sha256(), [True]))
+        finite = leaf.path in self._check_finite and _is_float(leaf.dtype)
+
+        def run() -> None:
+            ok[0] = _update(digest, block, finite=finite) and ok[0]
+
+        return self._lane.submit(run)
+
+    def finish(self, leaf: plan.Leaf) -> None:
+        """Records ``leaf``'s digest once every slice given to ``update`` is hashed."""
+        digest, ok = self._running.pop(leaf.path, (hashlib.sha256(), [True]))
+        self._pending[leaf.path] = (leaf, self._lane.submit(lambda: (digest.hexdigest(), ok[0])))
 
     def add(self, arrays: dict[plan.Path, jax.Array]) -> None:
         """Starts hashing ``arrays``, each whole on this process."""
@@ -101,6 +129,7 @@ class Digests:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._lane.shutdown(wait=True, cancel_futures=True)
 
 
 def _file_entry(path: storage.AnyPath) -> dict:
@@ -227,6 +256,28 @@ def _read_digests(
         arrays = checkpoint.restore(params_dir, contents, layout, [leaf.path for leaf in group], committed=committed)
         for leaf in group:
             yield leaf, *_digest(_host(arrays.pop(leaf.path)), finite=finite and _is_float(leaf.dtype))
+
+
+def check_written(
+    params_dir: storage.AnyPath, entries: dict[str, dict], *, budget_bytes: int, stop: Callable[[], None]
+) -> None:
+    """The reload check of a streamed merge: re-reads the written ``params_dir`` through Orbax and raises
+    NumericsError unless it holds exactly the parameters of ``entries`` with their digests."""
+    contents = checkpoint.read_contents(params_dir)
+    stored = {leaf.name: leaf for leaf in contents.leaves.values()}
+    if stored.keys() != entries.keys():
+        raise errors.NumericsError(f"{params_dir} does not hold the tree that was written")
+    for leaf, sha256, _ in _read_digests(
+        params_dir,
+        contents,
+        sharding.single_device(),
+        budget_bytes,
+        committed=not storage.is_remote(params_dir),
+        finite=False,
+        stop=stop,
+    ):
+        if _entry(leaf, sha256) != entries[leaf.name]:
+            raise errors.NumericsError(f"{params_dir}: {leaf.name} reads back different from what was written")
 
 
 def digest_params(params_dir: storage.AnyPath, *, budget_bytes: int, committed: bool) -> dict[str, list]:

@@ -29,13 +29,16 @@ from openpi_merge import (
     distributed,
     errors,
     fuse,
+    groups,
     manifest,
+    memory,
     objectstore_commit,
     plan,
     progress,
     provenance,
     report,
     sharding,
+    slices,
     storage,
     stream,
     summary,
@@ -162,20 +165,62 @@ def _digest_written(ctx: _Context, params_dir: storage.AnyPath) -> None:
         ctx.digests.add_digested(leaves[name], sha256, finite)
 
 
-def _write(ctx: _Context, params_dir: pathlib.Path) -> Iterator[fuse.Params]:
-    """Writes the merged tree to ``params_dir``; returns what the reload check compares it with, lazily."""
+def _budget(settings: config.Settings) -> tuple[int, str]:
+    """The memory budget in bytes (0: none) and where it came from."""
+    if settings.memory_budget_bytes is None:
+        return memory.auto_budget()
+    return settings.memory_budget_bytes, "set" if settings.memory_budget_bytes else "none"
+
+
+def _stream(ctx: _Context, params_dir: storage.AnyPath) -> None:
+    """One process: reads, fuses and writes the output a slice at a time (``stream``, ``slices``)."""
+    merge_plan, contents = ctx.outcome.merge_plan, ctx.given.contents
+    budget, how = _budget(ctx.settings)
+    limit = budget or sum(leaf.nbytes for leaf in merge_plan.leaves_in + merge_plan.leaves_out)
+    with ctx.outcome.stopwatch.phase("stream"):
+        inputs = slices.open_inputs(
+            ctx.given.source.params_dir, merge_plan.leaves_in, value_suffix=contents.value_suffix
+        )
+        blocks = stream.make_blocks(merge_plan, inputs, limit)
+        ctx.outcome.details += stream.describe(blocks, limit, how)
+
+        def after_pair(pair: plan.Pair) -> None:
+            ctx.fused.advance(pair.kernel.name, pair.kernel.nbytes)
+
+        arrays = stream.output_arrays(blocks)
+        with slices.writing(params_dir, arrays, value_suffix=contents.value_suffix) as output:
+            ctx.outcome.checks += stream.run(
+                blocks,
+                inputs,
+                output.arrays,
+                budget=limit,
+                verify=ctx.settings.verify,
+                device=ctx.layout.device,
+                digests=ctx.digests,
+                stop=ctx.stop,
+                on_pair=after_pair,
+            )
+
+
+def _write(ctx: _Context, params_dir: storage.AnyPath) -> Iterator[fuse.Params] | None:
+    """Writes the merged tree to ``params_dir``. Several processes: returns what the reload check compares it with,
+    lazily (one process: None, the reload check compares digests)."""
+    if distributed.is_single_process():
+        _stream(ctx, params_dir)
+        return None
     merge_plan, value_suffix = ctx.outcome.merge_plan, ctx.given.contents.value_suffix
-    if ctx.settings.memory_budget_bytes:
-        groups = stream.make_groups(merge_plan, ctx.settings.memory_budget_bytes)
-        ctx.outcome.details += stream.describe(groups, ctx.settings.memory_budget_bytes)
-        stream.save(
+    budget, how = _budget(ctx.settings)
+    if budget:
+        parts = groups.make_groups(merge_plan, budget)
+        ctx.outcome.details += groups.describe(parts, budget, how)
+        groups.save(
             params_dir,
-            groups,
+            parts,
             functools.partial(merged_arrays, ctx),
             value_suffix=value_suffix,
             written=lambda group: ctx.digests.wait(),  # A group's arrays are freed only once hashed.
         )
-        return (merged_arrays(ctx, group, again=True) for group in groups)  # Lazy: runs only for the reload check.
+        return (merged_arrays(ctx, group, again=True) for group in parts)  # Lazy: runs only for the reload check.
     merged = merged_arrays(ctx, merge_plan)
     with ctx.outcome.stopwatch.phase("save"):
         checkpoint.save(params_dir, merged, value_suffix=value_suffix)
@@ -248,7 +293,10 @@ def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
                     if fault := errors.environment_fault(e, staging.parent, "cannot write the output in"):
                         raise fault from e
                     raise
-                if settings.verify_reload:
+                if settings.verify_reload and written is None:
+                    with stopwatch.phase("reload"):
+                        manifest.check_written(params_dir, entries, budget_bytes=_CHECK_BUDGET_BYTES, stop=stop)
+                elif settings.verify_reload:
                     with stopwatch.phase("reload"):
                         checkpoint.check_written(
                             params_dir,
@@ -260,5 +308,6 @@ def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
                 stop()
         finally:
             digests.close()
+    outcome.details.append(f"peak memory: {memory.peak_rss_bytes() / 1e9:.3g} GB resident")
     rendered = summary.render(merge_plan, outcome.checks, target, stopwatch)
     return "\n".join([rendered, *(f"  {line}" for line in outcome.details)])

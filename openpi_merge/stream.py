@@ -1,122 +1,266 @@
-"""Bounded-memory merges (``--config.memory_budget_gb``): restore, fuse and write the tree one group at a time.
+"""The stream of slices: every output array is read, fused (a pair's kernel) and written a slice at a time, the three
+overlapping, in bounded memory. Used by single-process merges (``pipeline``); ``slices`` does the reading and writing.
 
-Groups. The plan's units, pairs first and then kept leaves, are packed greedily into groups whose bytes (what a unit
-restores plus what it writes) stay within the budget. A unit is a kept leaf, or a pair: its kernel, A and B are never
-split. A unit larger than the budget makes a group of its own, and the run says so.
+Blocks. A block is a run of rows along an array's first axis, the unit that is read, held and released:
 
-Design. orbax-checkpoint 0.11.13 (openpi's pin) has no incremental save, and the partial save of later releases
-(``orbax.checkpoint.experimental.v1.partial``, a session of saves finalized into one checkpoint) is not in it. So the
-output is written by one ordinary Orbax PyTree save, exactly as the in-memory mode writes it, except that its leaves
-are placeholders (``_Pending``) for arrays not computed yet. A ``TypeHandler`` (Orbax's extension point for leaf types)
-takes the placeholders; it presents itself as Orbax's own ``ArrayHandler``, so the tree metadata names ``jax.Array``
-as in the in-memory output. When Orbax asks it to write them it walks the groups in order: has the group's arrays
-produced (Orbax partial restore of its leaves, then the fuse and its verification), hands them to a fresh
-``ArrayHandler`` and waits until that write is committed to the checkpoint's OCDBT database before starting the next
-group. Everything on disk (OCDBT database, zarr metadata, sharding file, tree metadata, commit) is Orbax's own; only
-the order in which leaves are produced differs. The values are those of the in-memory mode bit for bit, since each
-pair is fused by the same compiled function. One optional record is left out: Orbax's per-host array metadata
-(``array_metadatas/``, and the ``write_shape`` it adds to the tree metadata), because orbax 0.11.13's store rewrites
-that file on every write call instead of adding to it; Orbax reads checkpoints without it, as it reads those of its
-earlier releases.
+- a kept leaf: rows that make whole chunks of the input array (``slices.read_rows``), as many as fit half the budget;
+- a pair: whole layers of the kernel (its first axis is openpi's scanned depth), likewise whole chunks; its LoRA
+  factors (small: rank columns) are read whole with the pair's first block. An unstacked kernel is one block.
+A block's bytes are what it reads plus what it writes (plus one layer's float32 temporaries for a pair). The input's
+chunking sets the floor: a checkpoint written by a single-device Orbax save stores most arrays as one chunk (up to
+2 GiB; larger ones split along their longest axis), so such an array is one block however small the budget. A block
+over the budget runs alone, and the summary names it.
+
+Pipeline. ``run`` walks the blocks in order. Before fusing block *i* it issues the reads of the blocks after it that
+fit the budget; TensorStore reads and decodes them in its threads meanwhile. A pair's layers are fused by
+``fuse.LayerFuser`` (XLA runs them asynchronously, at most ``_LAYERS_AHEAD`` ahead of the writer), and each fused
+layer is written as soon as it is computed: TensorStore encodes and writes it in its threads while the next layers
+are fused, and one digest thread hashes it (``manifest.Digests``). A block's memory is released once its writes are
+committed and its digests taken; blocks in flight (read issued, not yet released) hold at most the budget.
+
+Every output layer is computed by the same compiled program as in any other mode, from the same inputs, so the
+output is bit-identical to theirs. ``stop`` is called between layers and blocks.
 """
 
-import asyncio
 import collections
+import concurrent.futures
 import dataclasses
-import pathlib
 from collections.abc import Callable, Sequence
 
 import jax
-import orbax.checkpoint as ocp
+import numpy as np
+import tensorstore as ts
 
-from openpi_merge import checkpoint, plan
+from openpi_merge import fuse, manifest, plan, slices
 
 GB = 1e9
-
-
-def nbytes(group: plan.Plan) -> int:
-    """What a group restores plus what it writes."""
-    return sum(leaf.nbytes for leaf in group.leaves_in + group.leaves_out)
-
-
-def make_groups(merge_plan: plan.Plan, budget_bytes: int) -> tuple[plan.Plan, ...]:
-    """Splits the plan into sub-plans (groups) of at most ``budget_bytes`` where possible: pairs first, then kept."""
-    units = [plan.Plan(pairs=(p,), kept=(), notes=(), problems=()) for p in merge_plan.pairs]
-    units += [plan.Plan(pairs=(), kept=(k,), notes=(), problems=()) for k in merge_plan.kept]
-    groups: list[plan.Plan] = []
-    for unit in units:
-        if groups and nbytes(groups[-1]) + nbytes(unit) <= budget_bytes:
-            last = groups[-1]
-            groups[-1] = dataclasses.replace(last, pairs=last.pairs + unit.pairs, kept=last.kept + unit.kept)
-        else:
-            groups.append(unit)
-    return tuple(groups)
-
-
-def describe(groups: Sequence[plan.Plan], budget_bytes: int) -> list[str]:
-    """Summary lines: the number of groups, and a note on each group over the budget (each a single pair or leaf)."""
-    budget = f"memory_budget_gb={budget_bytes / GB:g}"
-    return [f"streamed: {len(groups)} groups within {budget}"] + [
-        f"note: {(g.pairs[0].kernel if g.pairs else g.kept[0]).name} needs {nbytes(g) / GB:.3g} GB to restore and "
-        f"write, over {budget}: processed alone"
-        for g in groups
-        if nbytes(g) > budget_bytes
-    ]
+_LAYERS_AHEAD = 2  # Fused layers dispatched to XLA ahead of the one being written.
 
 
 @dataclasses.dataclass(frozen=True)
-class _Pending:
-    """An output leaf that is restored (and fused) only when Orbax asks to write it."""
+class Block:
+    """Rows ``[start, stop)`` of output leaf ``out``; ``pair`` is None for a kept leaf."""
 
-    path: plan.Path
-    group: int
+    out: plan.Leaf
+    pair: plan.Pair | None
+    start: int
+    stop: int
+    nbytes: int
+    first: bool
+    last: bool
 
-
-class _GroupWriter(ocp.type_handlers.TypeHandler):
-    """Writes ``_Pending`` leaves group by group through Orbax's ``ArrayHandler``; see the module docstring."""
-
-    def __init__(self, produce: Callable[[int], dict[plan.Path, jax.Array]], written: Callable[[int], None]):
-        self._produce, self._written = produce, written
-        self._typestr = ocp.type_handlers.ArrayHandler().typestr()
-
-    def typestr(self) -> str:
-        return self._typestr
-
-    async def metadata(self, infos):
-        raise NotImplementedError("placeholders are only written")
-
-    async def deserialize(self, infos, args=None):
-        raise NotImplementedError("placeholders are only written")
-
-    async def serialize(self, values: Sequence[_Pending], infos, args=None):
-        args = args or [ocp.SaveArgs()] * len(values)
-        by_group = collections.defaultdict(list)
-        for value, info, arg in zip(values, infos, args, strict=True):
-            by_group[value.group].append((value.path, info, arg))
-        for group in sorted(by_group):
-            arrays = self._produce(group)
-            paths, group_infos, group_args = zip(*by_group[group], strict=True)
-            # A fresh handler per group: it keeps per-call state (array metadata) that must not mix groups.
-            futures = await ocp.type_handlers.ArrayHandler().serialize(
-                [arrays.pop(path) for path in paths], group_infos, group_args
-            )
-            for committed in futures:
-                await asyncio.to_thread(committed.result)
-            await asyncio.to_thread(self._written, group)
-        return []
+    @property
+    def source(self) -> plan.Leaf:
+        return self.pair.kernel if self.pair else self.out
 
 
-def save(
-    params_dir: pathlib.Path,
-    groups: Sequence[plan.Plan],
-    produce: Callable[[plan.Plan], dict[plan.Path, jax.Array]],
+# --- Blocks ---
+
+
+def _row_bytes(leaf: plan.Leaf) -> int:
+    return slices.nbytes(leaf.shape[1:], leaf.dtype) if leaf.shape else leaf.nbytes
+
+
+def _runs(size: int, rows: int) -> list[tuple[int, int, int]]:
+    """``(start, stop, size)`` of consecutive runs of ``rows`` covering ``range(size)``."""
+    return [(start, min(start + rows, size), size) for start in range(0, size, rows)]
+
+
+def _pair_blocks(pair: plan.Pair, store: ts.TensorStore, target: int) -> list[Block]:
+    kernel, out = pair.kernel, pair.merged
+    factors = pair.lora_a.nbytes + pair.lora_b.nbytes
+    layer = slices.nbytes(kernel.shape[pair.batch_ndim :], np.float32)
+    if pair.batch_ndim == 0:
+        return [Block(out, pair, 0, 1, kernel.nbytes + out.nbytes + factors + 4 * layer, True, True)]
+    chunk = slices.read_rows(store)
+    per_row = _row_bytes(kernel) + _row_bytes(out)
+    rows = chunk * max(1, target // max(1, chunk * per_row))
+    return [
+        Block(out, pair, a, b, (b - a) * per_row + 4 * layer + (factors if a == 0 else 0), a == 0, b == n)
+        for a, b, n in _runs(kernel.shape[0], rows)
+    ]
+
+
+def _kept_blocks(leaf: plan.Leaf, store: ts.TensorStore, target: int) -> list[Block]:
+    if not leaf.shape or leaf.shape[0] == 0:
+        return [Block(leaf, None, 0, 1, 2 * leaf.nbytes, True, True)]
+    chunk = slices.read_rows(store)
+    rows = chunk * max(1, target // max(1, 2 * chunk * _row_bytes(leaf)))
+    return [
+        Block(leaf, None, a, b, 2 * (b - a) * _row_bytes(leaf), a == 0, b == n)
+        for a, b, n in _runs(leaf.shape[0], rows)
+    ]
+
+
+def make_blocks(merge_plan: plan.Plan, inputs: dict[plan.Path, ts.TensorStore], budget: int) -> list[Block]:
+    """The plan's output, pairs first, in blocks of about half the budget (two in flight), whole chunks each."""
+    target = max(1, budget // 2)
+    blocks = [b for pair in merge_plan.pairs for b in _pair_blocks(pair, inputs[pair.kernel.path], target)]
+    blocks += [b for leaf in merge_plan.kept for b in _kept_blocks(leaf, inputs[leaf.path], target)]
+    return blocks
+
+
+def output_arrays(blocks: Sequence[Block]) -> list[slices.OutputArray]:
+    """How each output array is written: a fused kernel a layer at a time, a kept leaf in its blocks' rows."""
+    arrays = {}
+    for block in blocks:
+        if block.out.path in arrays:
+            continue
+        rows = 1 if block.pair and block.pair.batch_ndim else block.stop - block.start
+        arrays[block.out.path] = slices.OutputArray(
+            block.out.path, block.out.shape, block.out.dtype, slices.write_shape(block.out.shape, rows)
+        )
+    return list(arrays.values())
+
+
+def describe(blocks: Sequence[Block], budget: int, how: str) -> list[str]:
+    """Summary lines: the budget, the blocks, and each block over the budget (an input chunk larger than it)."""
+    arrays = len({block.out.path for block in blocks})
+    lines = [f"streamed: {len(blocks)} slices of {arrays} arrays within memory_budget_gb={budget / GB:.3g} ({how})"]
+    over = {block.out.name: block.nbytes for block in blocks if block.nbytes > budget}
+    lines += [
+        f"note: {name} needs {nbytes / GB:.3g} GB for one slice (the input stores it in chunks that large), over the "
+        "budget: processed alone"
+        for name, nbytes in over.items()
+    ]
+    return lines
+
+
+# --- The pipeline ---
+
+
+@dataclasses.dataclass
+class _Reads:
+    block: Block
+    futures: dict[str, ts.Future]
+
+
+def _issue_reads(block: Block, inputs: dict[plan.Path, ts.TensorStore]) -> _Reads:
+    source = inputs[block.source.path]
+    whole = not block.source.shape or (block.pair is not None and block.pair.batch_ndim == 0)
+    futures = {"data": (source if whole else source[block.start : block.stop]).read()}
+    if block.pair and block.first:
+        futures["a"] = inputs[block.pair.lora_a.path].read()
+        futures["b"] = inputs[block.pair.lora_b.path].read()
+    return _Reads(block, futures)
+
+
+def _write(store: ts.TensorStore, index, array: np.ndarray) -> ts.Future:
+    target = store if index is None else store[index]
+    return target.write(array, can_reference_source_data_indefinitely=True).commit
+
+
+def run(
+    blocks: Sequence[Block],
+    inputs: dict[plan.Path, ts.TensorStore],
+    outputs: dict[plan.Path, ts.TensorStore],
     *,
-    value_suffix: bool,
-    written: Callable[[plan.Plan], None] = lambda group: None,
-) -> None:
-    """Writes the merged tree to ``params_dir``, calling ``produce(group)`` for its arrays only when Orbax writes it,
-    and ``written(group)`` once they are written (before the next group is produced)."""
-    pending = {leaf.path: _Pending(leaf.path, i) for i, group in enumerate(groups) for leaf in group.leaves_out}
-    writer = _GroupWriter(lambda i: produce(groups[i]), lambda i: written(groups[i]))
-    registry = ocp.type_handlers.create_type_handler_registry((_Pending, writer))
-    checkpoint.save(params_dir, pending, value_suffix=value_suffix, type_handler_registry=registry)
+    budget: int,
+    verify: bool,
+    device: jax.Device,
+    digests: manifest.Digests,
+    stop: Callable[[], None],
+    on_pair: Callable[[plan.Pair], None] = lambda pair: None,
+) -> list[fuse.Check]:
+    """Streams ``blocks`` from ``inputs`` to ``outputs`` (module docstring); returns each pair's Check.
+
+    Raises NumericsError (NaN or Inf; a failed verification) from the fuse or the digests, InterruptError from
+    ``stop``, and what TensorStore raises for a failed read or write.
+    """
+    seeds = {pair.kernel.path: i for i, pair in enumerate(dict.fromkeys(b.pair for b in blocks if b.pair))}
+    reads: collections.deque[_Reads] = collections.deque()
+    in_flight: collections.deque[tuple[Block, list]] = collections.deque()
+    held, next_read = 0, 0
+    factors: dict[plan.Path, tuple[np.ndarray, np.ndarray]] = {}
+    fusers: dict[plan.Path, fuse.LayerFuser] = {}
+    checks: list[fuse.Check] = []
+
+    def release_until(limit: int) -> None:
+        nonlocal held
+        while in_flight and held > limit:
+            block, futures = in_flight.popleft()
+            for future in futures:
+                future.result()
+            held -= block.nbytes
+
+    def issue(upcoming: Block) -> None:
+        nonlocal held, next_read
+        reads.append(_issue_reads(upcoming, inputs))
+        held += upcoming.nbytes
+        next_read += 1
+
+    for block in blocks:
+        while in_flight and all(future.done() for future in in_flight[0][1]):
+            release_until(held - in_flight[0][0].nbytes)  # Already written and hashed: release it.
+        if not reads:  # This block's read is not out yet: make room for it (a block over the budget runs alone).
+            release_until(max(0, budget - block.nbytes))
+            issue(block)
+        while next_read < len(blocks) and held + blocks[next_read].nbytes <= budget:  # Read ahead.
+            issue(blocks[next_read])
+        current = reads.popleft()
+        data = current.futures.pop("data").result()
+        stop()
+        futures: list = []
+        if block.pair is None:
+            index = None if not block.out.shape else slice(block.start, block.stop)
+            futures.append(_write(outputs[block.out.path], index, data))
+            futures.append(digests.update(block.out, data))
+        else:
+            futures += _fuse_block(block, data, current, factors, fusers, seeds, outputs, digests, verify, device, stop)
+        del data, current
+        in_flight.append((block, futures))
+        if block.last:
+            if block.pair is not None:
+                factors.pop(block.pair.kernel.path)
+                checks.append(fusers.pop(block.pair.kernel.path).finish())
+                on_pair(block.pair)
+            digests.finish(block.out)
+        stop()
+    release_until(0)
+    return checks
+
+
+def _fuse_block(
+    block: Block,
+    data: np.ndarray,
+    reads: _Reads,
+    factors: dict[plan.Path, tuple[np.ndarray, np.ndarray]],
+    fusers: dict[plan.Path, fuse.LayerFuser],
+    seeds: dict[plan.Path, int],
+    outputs: dict[plan.Path, ts.TensorStore],
+    digests: manifest.Digests,
+    verify: bool,
+    device: jax.Device,
+    stop: Callable[[], None],
+) -> list[concurrent.futures.Future | ts.Future]:
+    """Fuses and writes the layers of one block of a pair; returns the futures of its writes and digests."""
+    pair = block.pair
+    assert pair is not None
+    key = pair.kernel.path
+    if block.first:
+        factors[key] = (reads.futures.pop("a").result(), reads.futures.pop("b").result())
+        fusers[key] = fuse.layer_fuser(pair, verify=verify, seed=seeds[key], device=device)
+    lora_a, lora_b = factors[key]
+    fuser = fusers[key]
+    if pair.batch_ndim == 0:
+        layers = [((), ())]
+    else:
+        local = np.ndindex(data.shape[: pair.batch_ndim])
+        layers = [(index, (index[0] + block.start, *index[1:])) for index in local]
+    futures: list = []
+    dispatched: collections.deque = collections.deque()
+
+    def write_oldest() -> None:
+        index, stored = dispatched.popleft()
+        host = np.asarray(stored)  # Waits for XLA to compute this layer; later layers go on meanwhile.
+        futures.append(_write(outputs[pair.merged.path], index or None, host))
+        futures.append(digests.update(pair.merged, host))
+        stop()
+
+    for local, index in layers:
+        dispatched.append((index, fuser.fuse(index, data[local], lora_a[index], lora_b[index])))
+        if len(dispatched) > _LAYERS_AHEAD:
+            write_oldest()
+    while dispatched:
+        write_oldest()
+    return futures

@@ -6,7 +6,7 @@ action_expert_variant="gemma_300m_lora")`` (``pi0``), the same with ``pi05=True`
 LoRA fine-tune stores: leaves frozen by openpi's LoRA freeze filter (every ``PaliGemma/llm`` leaf that is not a LoRA
 leaf) are bfloat16, everything else (LoRA leaves, SigLIP, projections) float32.
 
-``scale="full"`` gives openpi's real dimensions (about 3.3 B parameters); ``scale="tiny"`` the same tree with small
+``scale="full"`` gives openpi's real dimensions (about 3.3 B parameters); ``scale="small"`` a few hundred MB;
 dimensions, for unit tests.
 
 Values are random and non-zero (no leaf is left at openpi's zero init), drawn from generators seeded by
@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 
 from openpi_merge.openpi_layout import MODELS, PARAMS_KEY, is_lora_leaf
 
-SCALES = ("tiny", "full")
+SCALES = ("tiny", "small", "full")
 
 TRAIN_STATE_ITEM = "train_state"
 ASSETS_DIR = "assets"
@@ -111,6 +111,9 @@ _FULL_SIGLIP = SiglipDims(width=1152, depth=27, mlp_dim=4304, num_heads=16, patc
 _TINY_PALIGEMMA = GemmaDims(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16, rank=16)
 # Rank equal to the width on purpose: shapes alone then cannot tell the LoRA axes apart.
 _TINY_EXPERT = GemmaDims(width=32, depth=2, mlp_dim=64, num_heads=4, num_kv_heads=1, head_dim=16, rank=32)
+# A few hundred MB: big enough for a streamed merge's memory to show against a whole-tree one, small enough for a test.
+_SMALL_PALIGEMMA = GemmaDims(width=1024, depth=6, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=128, rank=16)
+_SMALL_EXPERT = GemmaDims(width=512, depth=6, mlp_dim=2048, num_heads=8, num_kv_heads=1, head_dim=128, rank=32)
 _TINY_SIGLIP = SiglipDims(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=2, num_patches=16)
 
 
@@ -126,8 +129,12 @@ def model_dims(model: str, scale: str, *, fused_qkv: bool = False) -> ModelDims:
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: expected one of {SCALES}")
     full = scale == "full"
-    paligemma = _FULL_PALIGEMMA if full else _TINY_PALIGEMMA
-    expert = None if model == "pi0_fast" else (_FULL_EXPERT if full else _TINY_EXPERT)
+    paligemma, expert = {
+        "tiny": (_TINY_PALIGEMMA, _TINY_EXPERT),
+        "small": (_SMALL_PALIGEMMA, _SMALL_EXPERT),
+        "full": (_FULL_PALIGEMMA, _FULL_EXPERT),
+    }[scale]
+    expert = None if model == "pi0_fast" else expert
     if fused_qkv:
         paligemma = dataclasses.replace(paligemma, num_kv_heads=paligemma.num_heads)
         if expert is not None:
@@ -378,6 +385,12 @@ class _LowMemoryNumpyHandler(ocp.type_handlers.NumpyHandler):
             return result
 
 
+def _save_args(x: np.ndarray, *, layer_chunks: bool) -> ocp.SaveArgs:
+    if layer_chunks and x.ndim >= 3:
+        return ocp.SaveArgs(chunk_byte_size=max(x.nbytes // x.shape[0], x.itemsize), shard_axes=(0,))
+    return ocp.SaveArgs(chunk_byte_size=_STORAGE_CHUNK_BYTES if x.nbytes > _CHUNKED_ARRAY_BYTES else None)
+
+
 def write_checkpoint(
     directory: str | pathlib.Path,
     model: str = "pi0",
@@ -389,6 +402,7 @@ def write_checkpoint(
     fused_qkv: bool = False,
     asset_id: str = "example_robot",
     jax_arrays: bool = False,
+    layer_chunks: bool = False,
 ) -> pathlib.Path:
     """Writes ``<directory>/<step>/`` as openpi training does and returns that step dir.
 
@@ -401,6 +415,9 @@ def write_checkpoint(
     ``jax.Array`` values (``value_type: jax.Array`` and a ``_sharding`` file), which ``jax_arrays=True`` reproduces
     through Orbax's stock path, at about 2.8x the tree's size in peak memory. Unlike openpi (``max_to_keep=1``),
     other steps already in ``directory`` are kept.
+
+    ``layer_chunks`` stores every array of three or more axes one layer (first-axis index) per chunk, as Orbax
+    stores an array sharded over its first axis: a merge can then read such a kernel a layer at a time.
     """
     directory = pathlib.Path(directory).expanduser().resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -410,10 +427,7 @@ def write_checkpoint(
     # Arrays over 2 GiB (only the paligemma gating_einsum at full scale) are stored in 256 MiB chunks, as an
     # FSDP-sharded openpi save would chunk them: saved as one chunk, Orbax needs about 1.7x such an array on top of
     # the tree. Every other array is one chunk, as openpi's single-device saves store them.
-    save_args = jax.tree.map(
-        lambda x: ocp.SaveArgs(chunk_byte_size=_STORAGE_CHUNK_BYTES if x.nbytes > _CHUNKED_ARRAY_BYTES else None),
-        {PARAMS_KEY: params},
-    )
+    save_args = jax.tree.map(lambda x: _save_args(x, layer_chunks=layer_chunks), {PARAMS_KEY: params})
     if jax_arrays:
         params = jax.device_put(params)  # On CPU this usually shares the numpy buffers.
         params_handler = ocp.PyTreeCheckpointHandler()
