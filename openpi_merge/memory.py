@@ -67,5 +67,12 @@ def auto_budget() -> tuple[int, str]:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory so far: Linux's VmHWM. (``getrusage``'s ru_maxrss would do off Linux,
+    but on Linux it carries over the parent's peak through fork and exec, so a run started by a large process
+    would report that process's memory.)"""
+    status = pathlib.Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Kilobytes on Linux, bytes on macOS.

@@ -34,6 +34,7 @@ import tensorstore as ts
 from openpi_merge import fuse, manifest, plan, slices
 
 GB = 1e9
+_NOTES = 3  # Arrays over the budget named in the summary, largest first.
 _LAYERS_AHEAD = 2  # Fused layers dispatched to XLA ahead of the one being written.
 
 
@@ -74,10 +75,10 @@ def _pair_blocks(pair: plan.Pair, store: ts.TensorStore, target: int) -> list[Bl
         return [Block(out, pair, 0, 1, kernel.nbytes + out.nbytes + factors + 4 * layer, True, True)]
     chunk = slices.read_rows(store)
     per_row = _row_bytes(kernel) + _row_bytes(out)
-    rows = chunk * max(1, target // max(1, chunk * per_row))
+    fixed = 4 * layer + factors
+    rows = chunk * max(1, (target - fixed) // max(1, chunk * per_row))
     return [
-        Block(out, pair, a, b, (b - a) * per_row + 4 * layer + (factors if a == 0 else 0), a == 0, b == n)
-        for a, b, n in _runs(kernel.shape[0], rows)
+        Block(out, pair, a, b, (b - a) * per_row + fixed, a == 0, b == n) for a, b, n in _runs(kernel.shape[0], rows)
     ]
 
 
@@ -113,16 +114,25 @@ def output_arrays(blocks: Sequence[Block]) -> list[slices.OutputArray]:
     return list(arrays.values())
 
 
+def _what(block: Block) -> str:
+    if block.pair is not None and block.pair.batch_ndim and block.stop - block.start == 1:
+        return "one layer and its float32 temporaries"
+    return "one chunk of the input (the input stores it in chunks this large)"
+
+
 def describe(blocks: Sequence[Block], budget: int, how: str) -> list[str]:
-    """Summary lines: the budget, the blocks, and each block over the budget (an input chunk larger than it)."""
+    """Summary lines: the budget, the blocks, and the largest arrays whose smallest slice is over the budget."""
     arrays = len({block.out.path for block in blocks})
     lines = [f"streamed: {len(blocks)} slices of {arrays} arrays within memory_budget_gb={budget / GB:.3g} ({how})"]
-    over = {block.out.name: block.nbytes for block in blocks if block.nbytes > budget}
+    over: dict[str, Block] = {}
+    for block in sorted((b for b in blocks if b.nbytes > budget), key=lambda b: -b.nbytes):
+        over.setdefault(block.out.name, block)
     lines += [
-        f"note: {name} needs {nbytes / GB:.3g} GB for one slice (the input stores it in chunks that large), over the "
-        "budget: processed alone"
-        for name, nbytes in over.items()
+        f"note: {name} needs {block.nbytes / GB:.3g} GB for {_what(block)}, over the budget: processed alone"
+        for name, block in list(over.items())[:_NOTES]
     ]
+    if len(over) > _NOTES:
+        lines.append(f"note: {len(over) - _NOTES} more arrays over the budget, processed alone")
     return lines
 
 

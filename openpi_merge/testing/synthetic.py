@@ -112,8 +112,8 @@ _TINY_PALIGEMMA = GemmaDims(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_
 # Rank equal to the width on purpose: shapes alone then cannot tell the LoRA axes apart.
 _TINY_EXPERT = GemmaDims(width=32, depth=2, mlp_dim=64, num_heads=4, num_kv_heads=1, head_dim=16, rank=32)
 # A few hundred MB: big enough for a streamed merge's memory to show against a whole-tree one, small enough for a test.
-_SMALL_PALIGEMMA = GemmaDims(width=1024, depth=6, mlp_dim=4096, num_heads=8, num_kv_heads=1, head_dim=128, rank=16)
-_SMALL_EXPERT = GemmaDims(width=512, depth=6, mlp_dim=2048, num_heads=8, num_kv_heads=1, head_dim=128, rank=32)
+_SMALL_PALIGEMMA = GemmaDims(width=1024, depth=18, mlp_dim=2048, num_heads=8, num_kv_heads=1, head_dim=128, rank=16)
+_SMALL_EXPERT = GemmaDims(width=512, depth=18, mlp_dim=1024, num_heads=8, num_kv_heads=1, head_dim=128, rank=32)
 _TINY_SIGLIP = SiglipDims(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=2, num_patches=16)
 
 
