@@ -23,11 +23,10 @@ import signal
 import sys
 import tempfile
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from openpi_merge import config, distributed, errors, openpi_layout, pipeline, report
+from openpi_merge import compile_cache, config, distributed, errors, openpi_layout, pipeline, report
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Merge config: a shipped name (pi0_lora) or a file path.")
 # `--config.input=example:<model>` merges a tiny synthetic checkpoint of that model, written next to the output.
@@ -207,9 +206,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     sys.unraisablehook = _drop_closed_loop_callbacks
-    # jax 0.5.3 (openpi's pin) loses buffer donation from executables it loads from the persistent compilation
-    # cache on CPU: a cached fuse step then hands back a kernel in freed memory. Compiling afresh is safe.
-    jax.config.update("jax_enable_compilation_cache", False)
+    compile_cache.enable(_CONFIG.value.get("compilation_cache", ""))  # Before anything compiles.
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every step at INFO, and a failed background write (a full disk, a bucket gone mid-save) with its
         # traceback at ERROR before it re-raises it, which the one-line error then reports. --verbosity=0 shows all.
