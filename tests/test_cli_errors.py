@@ -174,7 +174,7 @@ def test_variant_without_lora_for_an_expert_that_has_it(tiny_checkpoint, tmp_pat
         ("--config.paligemma.variant=gemma_7b_lora", "is not an openpi Gemma variant"),
         ("--config.dtype=float16", "dtype='float16' is not one of"),
         ("--config.paligemma.alpha=inf", "paligemma.alpha=inf must be a positive finite number"),
-        ("--config.memory_budget_gb=inf", "memory_budget_gb=inf must be a positive finite number"),
+        ("--config.memory_budget_gb=inf", "memory_budget_gb=inf must be auto, none, or a positive finite number"),
         ("--config.no_such_field=1", "--config.no_such_field is not a config field"),
         (
             "--config.paligemma.alhpa=8",

@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO, cli_command, file_hashes, restore_flat
 from jax.sharding import PartitionSpec
 
-from openpi_merge import checkpoint, config, errors, plan, sharding, stream, summary
+from openpi_merge import checkpoint, config, errors, groups, plan, sharding, summary
 from openpi_merge.testing import synthetic
 
 MODEL = "pi0"
@@ -121,7 +121,7 @@ def test_partition_spec_rule(shape, mesh, spec):
         ("mesh", "fsdp=-1,tp=-1", "only one axis may be -1"),
         ("mesh", "fsdp=2,fsdp=2", "names an axis twice"),
         ("distributed.enabled", True, "needs a mesh"),
-        ("memory_budget_gb", -1.0, "must be a positive finite number"),
+        ("memory_budget_gb", "-1", "must be auto, none, or a positive finite number"),
     ],
 )
 def test_bad_scale_config(field, value, message):
@@ -178,13 +178,13 @@ def test_groups_cover_the_plan_once_within_the_budget(tiny_checkpoint):
         checkpoint.read_contents(tiny_checkpoint(MODEL) / "params").leaves, config.read_settings(cfg)
     )
     budget = 100_000
-    groups = stream.make_groups(merge_plan, budget)
-    written = [leaf.path for group in groups for leaf in group.leaves_out]
+    parts = groups.make_groups(merge_plan, budget)
+    written = [leaf.path for group in parts for leaf in group.leaves_out]
     assert sorted(written) == sorted(leaf.path for leaf in merge_plan.leaves_out)
     assert len(set(written)) == len(written) == len(synthetic.param_specs(MODEL, "tiny", lora=False))
-    assert len(groups) > 1
-    for group in groups:
-        assert stream.nbytes(group) <= budget or len(group.pairs) + len(group.kept) == 1
+    assert len(parts) > 1
+    for group in parts:
+        assert groups.nbytes(group) <= budget or len(group.pairs) + len(group.kept) == 1
 
 
 def test_streamed_merge_is_bit_identical_verified_and_reloaded(tiny_checkpoint, single_device_output, tmp_path):

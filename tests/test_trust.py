@@ -130,7 +130,7 @@ def test_report_on_success_and_on_failure(tiny_checkpoint, tmp_path):
     assert all(0 <= p["check"]["rounding_loss"] < 0.25 for p in document["plan"]["pairs"])
     assert document["provenance"] == json.loads((tmp_path / "out" / "openpi_merge.json").read_text())
     assert document["plan"]["settings"]["action_expert"]["attn"]["alpha"] == 32.0
-    assert {"plan", "restore", "fuse", "save"} <= document["seconds"].keys()
+    assert {"plan", "stream"} <= document["seconds"].keys()  # One process streams: read, fuse and write overlap.
     assert document["versions"]["orbax-checkpoint"]
     assert document["config"]["model"] == "pi05"
 
