@@ -153,10 +153,10 @@ def _rounding_stats(kernel, update, out_dtype):
     return changed, jnp.sum(jnp.square(update)), jnp.sum(jnp.square((stored - kernel) - update))
 
 
-def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes, *, whole: jax.sharding.Sharding):
+def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes):
+    """One layer: the stored merged layer (``step.out_dtype``) and its ``_STATS`` figures."""
     kernel, lora_a, lora_b = (x.astype(jnp.float32) for x in (kernel, lora_a, lora_b))
-    delta = jax.lax.with_sharding_constraint(_einsum(step.update_equation, lora_a, lora_b), whole)
-    update = step.scale * delta
+    update = step.scale * _einsum(step.update_equation, lora_a, lora_b)
     merged = kernel + update
     stored = merged.astype(step.out_dtype)
     stats = jnp.zeros(_STATS, jnp.float32).at[0].set(jnp.all(jnp.isfinite(merged)))
@@ -167,48 +167,139 @@ def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes, *, whole: jax.shard
     return stored, stats
 
 
+@functools.cache
+def _fuse_program(step: _Step) -> Callable:
+    """The one program that fuses a layer of ``step``'s pair kind, whatever the mesh: see the module docstring."""
+    return jax.jit(functools.partial(_fuse_layer, step))
+
+
 def _take_layer(x, index):
     return x[index]
 
 
-def _write_layer(target, layer, lora_a, lora_b, probes, index, *, step: _Step, whole: jax.sharding.Sharding):
-    """Fuses ``layer``, the kernel's layer at ``index`` (a tuple over the stacked leading axes), into ``target``.
+def _write_layer(target, layer, index):
+    """Writes ``layer`` into ``target`` at ``index`` (a tuple over the stacked leading axes).
 
     ``target`` is donated and only written, so XLA updates it in place and a stacked kernel is merged one layer at a
-    time with temporaries the size of one layer. The layer comes from a separate step (``_take_layer``): slicing it
-    out of ``target`` in this program would make XLA copy all of ``target`` first, and the whole-array form would
-    make it hoist float32 copies of the full stack.
+    time with temporaries the size of one layer. The layer is taken out by a separate step (``_take_layer``): slicing
+    it out of ``target`` in this program would make XLA copy all of ``target`` first.
     """
-    merged, stats = _fuse_layer(step, layer, lora_a[index], lora_b[index], probes[index], whole=whole)
-    start = (*index, *(0 for _ in merged.shape))
+    start = (*index, *(0 for _ in layer.shape))
     # Written as raw bits: XLA's CPU backend widens a bfloat16 update to float32 across all of ``target``.
     bits = jnp.dtype(f"uint{8 * target.dtype.itemsize}")
-    update = jax.lax.bitcast_convert_type(merged.reshape((1,) * len(index) + merged.shape), bits)
+    update = jax.lax.bitcast_convert_type(layer.reshape((1,) * len(index) + layer.shape), bits)
     written = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(target, bits), update, start)
-    return jax.lax.bitcast_convert_type(written, target.dtype), stats
+    return jax.lax.bitcast_convert_type(written, target.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Compiled:
-    """One pair kind's steps under ``jax.jit``; kernels are placed as the layout says, everything else replicated."""
+class LayerFuser:
+    """Fuses one pair a layer at a time on one device; ``finish`` checks what all its layers measured.
 
-    take_layer: Callable
-    write_layer: Callable
-    zeros: Callable  # zeros(shape): the target of a merge that changes the kernel's dtype.
+    Every layer goes through the same compiled program (``_fuse_program``, one per pair kind) on one device, so a
+    layer's stored values depend on nothing but its inputs: not on the mesh, the process, or who sliced the layer.
+    """
+
+    pair: plan.Pair
+    step: _Step
+    device: jax.Device
+    probes: np.ndarray | None  # (*batch_shape, *probe_shape); None without verification.
+    stats: list[jax.Array] = dataclasses.field(default_factory=list)  # One (_STATS,) device array per fused layer.
+
+    def fuse(self, index: tuple[int, ...], kernel, lora_a, lora_b) -> jax.Array:
+        """The stored layer ``index`` (``pair.out_dtype``, on ``device``) from the layer's kernel, A and B.
+
+        Inputs are numpy arrays or jax.Arrays of one layer; the result is dispatched, not waited for, and the layer's
+        figures are kept on the device until ``finish``.
+        """
+        probes = None if self.probes is None else self.probes[tuple(index)]
+        inputs = (kernel, lora_a, lora_b, probes)
+        stored, stats = _fuse_program(self.step)(*(None if x is None else _whole_on(x, self.device) for x in inputs))
+        self.stats.append(stats)
+        return stored
+
+    def finish(self) -> Check:
+        """Fetches every layer's figures at once; raises NumericsError on NaN or Inf or a failed verification."""
+        return _check(self.pair, np.asarray(jnp.stack(self.stats)), verified=self.probes is not None)
+
+
+def layer_fuser(pair: plan.Pair, *, verify: bool, seed: int, device: jax.Device) -> LayerFuser:
+    """A LayerFuser for ``pair`` on ``device``; its probes are drawn from ``seed`` over all the pair's layers."""
+    step = _make_step(pair, verify=verify)
+    probes = None
+    if step.probe_shape is not None:
+        # Probes come from the host: random number generation inside the compiled step would double compile time.
+        batch_shape = pair.kernel.shape[: pair.batch_ndim]
+        probes = np.random.default_rng(seed).standard_normal((*batch_shape, *step.probe_shape), np.float32)
+    return LayerFuser(pair=pair, step=step, device=device, probes=probes)
+
+
+def _check(pair: plan.Pair, stats: np.ndarray, *, verified: bool) -> Check:
+    """The pair's Check from its layers' ``_STATS`` rows; raises NumericsError as ``fuse_pair`` documents."""
+    finite, max_diff, max_output, bound_ratio, changed, update_sq, lost_sq = stats.T
+    if not finite.all():
+        raise errors.NumericsError(f"merging {pair.kernel.name} produced NaN or Inf: the input holds non-finite values")
+    rounding = {
+        "changed_fraction": float(changed.mean()),  # Every layer has the same size.
+        "rounding_loss": float(
+            np.sqrt(lost_sq.sum(dtype=np.float64)) / max(np.sqrt(update_sq.sum(dtype=np.float64)), 1e-30)
+        ),
+    }
+    if not verified:
+        return Check(pair, None, None, **rounding)
+    relative_error = float(max_diff.max() / max(max_output.max(), 1e-30))
+    check = Check(pair, relative_error, float(bound_ratio.max()), **rounding)
+    if not check.bound_ratio <= 1.0:
+        raise errors.NumericsError(
+            f"verification failed for {pair.kernel.name}: merged outputs differ from the LoRA path by "
+            f"{check.bound_ratio:.3g}x what {pair.out_dtype.name} rounding explains (relative error "
+            f"{check.relative_error:.3g})"
+        )
+    return check
 
 
 @functools.cache
-def _compiled(step: _Step, stacked: jax.sharding.Sharding, layer: jax.sharding.Sharding, replicated) -> _Compiled:
-    return _Compiled(
-        take_layer=jax.jit(_take_layer, in_shardings=(stacked, replicated), out_shardings=layer),
-        write_layer=jax.jit(
-            functools.partial(_write_layer, step=step, whole=replicated),
-            donate_argnums=0,
-            in_shardings=(stacked, layer, replicated, replicated, replicated, replicated),
-            out_shardings=(stacked, replicated),
-        ),
-        zeros=jax.jit(functools.partial(jnp.zeros, dtype=step.out_dtype), static_argnums=0, out_shardings=stacked),
+def _placement(stacked: jax.sharding.Sharding, layer: jax.sharding.Sharding, whole: jax.sharding.Sharding):
+    """Steps that move layers between the stacked kernel (placed ``stacked``) and the fusing device, cached."""
+    return (
+        jax.jit(_take_layer, out_shardings=whole),  # A layer of the kernel, whole on every device.
+        jax.jit(_write_layer, donate_argnums=0, in_shardings=(stacked, layer, whole), out_shardings=stacked),
     )
+
+
+# A layer of an array on one device, taken there (the factors on the fusing device).
+_take_on_device = jax.jit(_take_layer)
+
+
+@functools.cache
+def _zeros(shape: tuple[int, ...], dtype: np.dtype, where: jax.sharding.Sharding) -> Callable:
+    return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=where)
+
+
+def _whole_on(x: jax.Array | np.ndarray, device: jax.Device) -> jax.Array:
+    """``x`` whole on ``device``: a replicated array's own copy there, else a transfer (host arrays: a copy)."""
+    if isinstance(x, jax.Array) and x.is_fully_replicated:
+        for shard in x.addressable_shards:
+            if shard.device == device:
+                return shard.data
+    return jax.device_put(x, device)
+
+
+def _place_layer(layer: jax.Array, where: jax.sharding.Sharding) -> jax.Array:
+    """A single-device ``layer`` placed ``where``: each of this process's devices gets its block, copied from it."""
+    if isinstance(where, jax.sharding.SingleDeviceSharding):
+        return jax.device_put(layer, where)
+    blocks = where.addressable_devices_indices_map(layer.shape)
+    return jax.make_array_from_single_device_arrays(
+        layer.shape, where, [jax.device_put(layer[index], device) for device, index in blocks.items()]
+    )
+
+
+def _fusing_device(layout: sharding.Layout) -> jax.Device:
+    """The layout's device if this process has it, else this process's first device of the mesh."""
+    if layout.device.process_index == jax.process_index():
+        return layout.device
+    return next(d for d in layout.mesh.devices.flat if d.process_index == jax.process_index())
 
 
 def _place(x: jax.Array | np.ndarray, where: jax.sharding.Sharding) -> jax.Array:
@@ -233,41 +324,21 @@ def fuse_pair(
     ``kernel`` is consumed: its buffer becomes the merged kernel when the dtype is kept. Raises NumericsError on NaN
     or Inf, or when the merged kernel's outputs differ from the LoRA path's by more than rounding explains.
     """
-    step = _make_step(pair, verify=verify)
+    device = _fusing_device(layout)
+    fuser = layer_fuser(pair, verify=verify, seed=seed, device=device)
     stacked, replicated = layout.sharding(pair.kernel), layout.replicated
-    steps = _compiled(step, stacked, layout.layer_sharding(pair.kernel, pair.batch_ndim), replicated)
-    batch_shape = pair.kernel.shape[: pair.batch_ndim]
-    # Probes come from the host: random number generation inside the compiled step would double compile time.
-    probes = np.random.default_rng(seed).standard_normal((*batch_shape, *(step.probe_shape or ())), np.float32)
+    layer_where = layout.layer_sharding(pair.kernel, pair.batch_ndim)
+    take, write = _placement(stacked, layer_where, replicated)
     kernel = _place(kernel, stacked)
-    lora_a, lora_b, probes = (_place(x, replicated) for x in (lora_a, lora_b, probes))
+    # The factors whole on the fusing device, once per pair (no copy when they are replicated, as the layout has them).
+    lora_a, lora_b = (_whole_on(x, device) for x in (lora_a, lora_b))
     in_place = np.dtype(kernel.dtype) == pair.out_dtype
-    target = kernel if in_place else steps.zeros(pair.kernel.shape)
-    stats = []
-    for index in np.ndindex(batch_shape):
-        layer = steps.take_layer(target if in_place else kernel, index)
-        target, layer_stats = steps.write_layer(target, layer, lora_a, lora_b, probes, index)
-        stats.append(layer_stats)
-    finite, max_diff, max_output, bound_ratio, changed, update_sq, lost_sq = np.asarray(jnp.stack(stats)).T
-    if not finite.all():
-        raise errors.NumericsError(f"merging {pair.kernel.name} produced NaN or Inf: the input holds non-finite values")
-    rounding = {
-        "changed_fraction": float(changed.mean()),  # Every layer has the same size.
-        "rounding_loss": float(
-            np.sqrt(lost_sq.sum(dtype=np.float64)) / max(np.sqrt(update_sq.sum(dtype=np.float64)), 1e-30)
-        ),
-    }
-    if not verify:
-        return target, Check(pair, None, None, **rounding)
-    relative_error = float(max_diff.max() / max(max_output.max(), 1e-30))
-    check = Check(pair, relative_error, float(bound_ratio.max()), **rounding)
-    if not check.bound_ratio <= 1.0:
-        raise errors.NumericsError(
-            f"verification failed for {pair.kernel.name}: merged outputs differ from the LoRA path by "
-            f"{check.bound_ratio:.3g}x what {pair.out_dtype.name} rounding explains (relative error "
-            f"{check.relative_error:.3g})"
-        )
-    return target, check
+    target = kernel if in_place else _zeros(pair.kernel.shape, pair.out_dtype, stacked)()
+    for index in np.ndindex(pair.kernel.shape[: pair.batch_ndim]):
+        layer = take(target if in_place else kernel, index)
+        stored = fuser.fuse(index, layer, _take_on_device(lora_a, index), _take_on_device(lora_b, index))
+        target = write(target, _place_layer(stored, layer_where), index)
+    return target, fuser.finish()
 
 
 def first_per_pair(checks: list[Check]) -> list[Check]:
