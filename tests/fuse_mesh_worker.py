@@ -32,13 +32,14 @@ class Draw:
     depth: int
     alpha: float
     rslora: bool
+    verify: bool
 
 
 def _layer_shape(kind: str, rng: np.random.Generator) -> tuple[int, ...]:
     """A per-layer kernel shape of ``kind`` from random heads, head_dim, width and MLP width (openpi's axis order)."""
-    heads = int(rng.choice([1, 2, 3, 8, 16, 32]))
+    heads = int(rng.choice([1, 3, 8, 16, 32, 64]))
     head_dim = int(rng.choice([4, 8, 12, 16, 32]))
-    width = int(rng.choice([8, 16, 24, 48, 64, 128]))
+    width = int(rng.choice([8, 24, 48, 64, 128, 256]))
     mlp = int(rng.choice([16, 24, 48, 64, 128]))
     return {
         "q_einsum": (heads, width, head_dim),
@@ -63,6 +64,7 @@ def draws(seed: int, count: int) -> list[Draw]:
             depth=int(rng.integers(1, 4)),
             alpha=float(rng.choice([3.0, 16.0, 32.0, 48.0])),
             rslora=bool(rng.integers(2)),
+            verify=bool(rng.integers(2)),
         )
         for i in range(count)
     ]
@@ -94,17 +96,28 @@ def make_pair(draw: Draw, seed: int) -> tuple[plan.Pair, tuple[np.ndarray, np.nd
     return pair, arrays
 
 
-def meshes() -> list[tuple[str, sharding.Layout]]:
-    """Meshes of 2, 4 and 8 of the first devices that shard different array axes (see sharding.partition_spec)."""
+# Mesh shapes that shard different array axes (see sharding.partition_spec): every device on one axis; 2-way fsdp
+# with the rest on tp; 4-way tp (as much of it as fits) with the rest on fsdp.
+FAMILIES = ("fsdp=-1", "fsdp=2,tp=-1", "tp=4,fsdp=-1")
+
+
+def _mesh_axes(family: str, size: int) -> tuple[tuple[str, int], ...]:
+    first, second = family.split(",") if "," in family else (family, None)
+    name, fixed = first.split("=")
+    lead = size if fixed == "-1" else min(int(fixed), size)
+    return ((name, lead),) if second is None else ((name, lead), (second.split("=")[0], size // lead))
+
+
+def mesh_layouts() -> dict[tuple[str, int], sharding.Layout]:
+    """A layout per (family, size) over the first ``size`` devices; the fusing device is always the first."""
     devices = jax.devices()
-    layouts = []
-    for size in MESH_SIZES:
-        for axes in ((("fsdp", size),), (("fsdp", 2), ("tp", size // 2)), (("tp", min(4, size)), ("fsdp", 1))):
-            if size == 8 and axes[0][0] == "tp":
-                axes = (("tp", 4), ("fsdp", 2))
+    layouts = {}
+    for family in FAMILIES:
+        for size in MESH_SIZES:
+            axes = _mesh_axes(family, size)
             grid = np.asarray(devices[:size]).reshape(tuple(n for _, n in axes))
             mesh = Mesh(grid, tuple(name for name, _ in axes))
-            layouts.append((",".join(f"{n}={s}" for n, s in axes), sharding.Layout(mesh=mesh, device=devices[0])))
+            layouts[family, size] = sharding.Layout(mesh=mesh, device=devices[0])
     return layouts
 
 
@@ -113,16 +126,20 @@ def _bits(x: jax.Array) -> np.ndarray:
 
 
 def run(seed: int, count: int) -> dict:
-    """Every draw fused on one device, then on every mesh; the differing stored elements per draw and mesh."""
-    layouts = meshes()
+    """Every draw fused on one device, then on a mesh of each size (the family rotating with the draw, so the draws
+    cover every family at every size); the differing stored elements per draw and mesh."""
+    layouts = mesh_layouts()
     results = []
     for i, draw in enumerate(draws(seed, count)):
         pair, arrays = make_pair(draw, seed + i)
-        want = _bits(fuse.fuse_pair(pair, *arrays, sharding.single_device(), seed=i)[0])
+        want = _bits(fuse.fuse_pair(pair, *arrays, sharding.single_device(), verify=draw.verify, seed=i)[0])
         differing = {}
-        for name, layout in layouts:
-            got = fuse.fuse_pair(pair, *arrays, layout, seed=i)[0]
-            differing[f"{name} {layout.sharding(pair.kernel).spec}"] = int(np.sum(_bits(got) != want))
+        rotation = i + i // len(openpi_layout.MODULE_KINDS)  # Each kind's next draw takes the families in turn.
+        for j, size in enumerate(MESH_SIZES):
+            layout = layouts[FAMILIES[(rotation + j) % len(FAMILIES)], size]
+            got = fuse.fuse_pair(pair, *arrays, layout, verify=draw.verify, seed=i)[0]
+            axes = ",".join(f"{name}={n}" for name, n in layout.mesh.shape.items())
+            differing[f"{axes} {layout.sharding(pair.kernel).spec}"] = int(np.sum(_bits(got) != want))
         results.append({"draw": dataclasses.asdict(draw), "elements": want.size, "differing": differing})
     return {"devices": jax.device_count(), "results": results}
 
