@@ -1,17 +1,28 @@
-"""Folds LoRA factors into their kernels in float32 under ``jax.jit``, on whatever backend JAX defaults to.
+"""Folds LoRA factors into their kernels in float32 under ``jax.jit``, a layer at a time, on one device.
+
+``LayerFuser`` (made by ``layer_fuser``) is the unit: it takes one layer's kernel, A and B (numpy or jax.Array),
+returns the stored layer (``kernel + scale * dW`` in the output dtype) on its device without waiting for it, and keeps
+the layer's figures on the device; ``finish`` fetches them all at once and raises NumericsError as ``fuse_pair`` does.
+``fuse_pair`` runs a stacked kernel through one LayerFuser and writes each stored layer into the target in place;
+the streaming pipeline calls LayerFuser itself on the slices it reads.
 
 With verification on, the same compiled step also runs random probe inputs through the module's own forward
 equation twice, the LoRA way (kernel, then A and B as openpi applies them) and through the merged kernel as stored,
-and measures the difference against what rounding explains (see ``_verify_layer``).
+and measures the difference against what rounding explains (see ``_verify_layer``). Probes are drawn on the host from
+``np.random.default_rng(seed)`` over all of the pair's layers at once and indexed by layer.
 
 Whether or not it verifies, the step also measures how much of the LoRA update survived rounding to the output dtype
 (``_rounding_stats``): openpi's adapters start at normal(0.01), so an update can sit below a bfloat16 ulp of its
 kernel, and rounding the merged kernel to bfloat16 then erases it. That costs a few reductions over one layer.
 
-On a device mesh (``sharding``) the merged kernel keeps the kernel's sharding and the factors are replicated; each
-layer's update is computed whole on every device, exactly as on one device, and each device adds its own block, so the
-merged values are bit-identical whatever the mesh (a device that computed only its block of the update could round
-differently: XLA's CPU dot does for column blocks).
+Bit-identical on any mesh, by construction. Every layer is fused by the same single-device program
+(``_fuse_program``, one per pair kind and layer shape) whatever the mesh or the number of processes: on a mesh
+(``sharding``) the layer is gathered whole onto one device of this process, fused there, and its blocks are then
+copied into the sharded target, which moves bits and computes nothing. With several processes each process fuses the
+same layer from the same inputs on its own first device and places its own blocks. The merged values therefore
+equal the 1-device values bit for bit on any mesh and process count, on every backend whose compiler is
+deterministic for one program. (Compiling the fuse for the mesh instead, as this module once did, lets XLA's SPMD
+partitioner change the arithmetic; see ``_fuse_program``.)
 """
 
 import dataclasses
@@ -170,6 +181,14 @@ def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes):
 @functools.cache
 def _fuse_program(step: _Step) -> Callable:
     """The one program that fuses a layer of ``step``'s pair kind, whatever the mesh: see the module docstring."""
+    # Why one device: compiled for a mesh, this step was a different program on every mesh. XLA's SPMD partitioner
+    # propagates the kernel's sharding backwards into the update even when the update is constrained replicated: for
+    # attn_vec_einsum, jnp.einsum computes dW = A . (sum over heads of B), and with the kernel sharded on its last
+    # axis the 8-device program summed B's heads per column block in an XLA loop fusion and all-gathered the blocks,
+    # where the 1-device program summed them whole in an XNNPACK (YNN) reduce fusion, jax 0.10's CPU default. Two
+    # kernels sum the heads in different orders: 1 float32 rounding step in dW, now and then 1 bfloat16 ulp stored
+    # (issue 11: 2 of 12288 elements; here 9 of 49152 with 64 heads on fsdp=2,tp=2). jax 0.5.3 has no YNN fusions,
+    # so both of its programs used the same loop reduce and agreed, by luck rather than by design.
     return jax.jit(functools.partial(_fuse_layer, step))
 
 
@@ -259,11 +278,16 @@ def _check(pair: plan.Pair, stats: np.ndarray, *, verified: bool) -> Check:
 
 
 @functools.cache
-def _placement(stacked: jax.sharding.Sharding, layer: jax.sharding.Sharding, whole: jax.sharding.Sharding):
-    """Steps that move layers between the stacked kernel (placed ``stacked``) and the fusing device, cached."""
+def _placement(
+    stacked: jax.sharding.Sharding,
+    layer: jax.sharding.Sharding,
+    taken: jax.sharding.Sharding,
+    replicated: jax.sharding.Sharding,
+) -> tuple[Callable, Callable]:
+    """(take, write): a layer of the kernel placed ``stacked``, as ``taken``; and writing a layer placed ``layer``."""
     return (
-        jax.jit(_take_layer, out_shardings=whole),  # A layer of the kernel, whole on every device.
-        jax.jit(_write_layer, donate_argnums=0, in_shardings=(stacked, layer, whole), out_shardings=stacked),
+        jax.jit(_take_layer, in_shardings=(stacked, replicated), out_shardings=taken),
+        jax.jit(_write_layer, donate_argnums=0, in_shardings=(stacked, layer, replicated), out_shardings=stacked),
     )
 
 
@@ -328,7 +352,10 @@ def fuse_pair(
     fuser = layer_fuser(pair, verify=verify, seed=seed, device=device)
     stacked, replicated = layout.sharding(pair.kernel), layout.replicated
     layer_where = layout.layer_sharding(pair.kernel, pair.batch_ndim)
-    take, write = _placement(stacked, layer_where, replicated)
+    # One process: a layer is taken block by block where it lies and copied whole to the fusing device (one layer of
+    # temporaries); several processes: gathered onto every device, as JAX moves data across processes only in programs.
+    taken = layer_where if jax.process_count() == 1 else replicated
+    take, write = _placement(stacked, layer_where, taken, replicated)
     kernel = _place(kernel, stacked)
     # The factors whole on the fusing device, once per pair (no copy when they are replicated, as the layout has them).
     lora_a, lora_b = (_whole_on(x, device) for x in (lora_a, lora_b))

@@ -187,9 +187,8 @@ def test_each_layer_is_written_into_the_kernel_without_copying_it():
     pair, w, _, _, _ = _merge_case("mlp/gating_einsum", rank=16, settings=_settings())
     w16 = w.astype(ml_dtypes.bfloat16)
     layout = sharding.single_device()
-    _, write = fuse._placement(
-        layout.sharding(pair.kernel), layout.layer_sharding(pair.kernel, pair.batch_ndim), layout.replicated
-    )
+    layer = layout.layer_sharding(pair.kernel, pair.batch_ndim)
+    _, write = fuse._placement(layout.sharding(pair.kernel), layer, layer, layout.replicated)
     hlo = write.lower(w16, w16[0], (np.int32(0),)).compile().as_text()
     shape = ",".join(map(str, w16.shape))
     assert not [line for line in hlo.splitlines() if f"[{shape}]" in line and " copy(" in line]
