@@ -1,17 +1,28 @@
-"""Folds LoRA factors into their kernels in float32 under ``jax.jit``, on whatever backend JAX defaults to.
+"""Folds LoRA factors into their kernels in float32 under ``jax.jit``, a layer at a time, on one device.
+
+``LayerFuser`` (made by ``layer_fuser``) is the unit: it takes one layer's kernel, A and B (numpy or jax.Array),
+returns the stored layer (``kernel + scale * dW`` in the output dtype) on its device without waiting for it, and keeps
+the layer's figures on the device; ``finish`` fetches them all at once and raises NumericsError as ``fuse_pair`` does.
+``fuse_pair`` runs a stacked kernel through one LayerFuser and writes each stored layer into the target in place;
+the streaming pipeline calls LayerFuser itself on the slices it reads.
 
 With verification on, the same compiled step also runs random probe inputs through the module's own forward
 equation twice, the LoRA way (kernel, then A and B as openpi applies them) and through the merged kernel as stored,
-and measures the difference against what rounding explains (see ``_verify_layer``).
+and measures the difference against what rounding explains (see ``_verify_layer``). Probes are drawn on the host from
+``np.random.default_rng(seed)`` over all of the pair's layers at once and indexed by layer.
 
 Whether or not it verifies, the step also measures how much of the LoRA update survived rounding to the output dtype
 (``_rounding_stats``): openpi's adapters start at normal(0.01), so an update can sit below a bfloat16 ulp of its
 kernel, and rounding the merged kernel to bfloat16 then erases it. That costs a few reductions over one layer.
 
-On a device mesh (``sharding``) the merged kernel keeps the kernel's sharding and the factors are replicated; each
-layer's update is computed whole on every device, exactly as on one device, and each device adds its own block, so the
-merged values are bit-identical whatever the mesh (a device that computed only its block of the update could round
-differently: XLA's CPU dot does for column blocks).
+Bit-identical on any mesh, by construction. Every layer is fused by the same single-device program
+(``_fuse_program``, one per pair kind and layer shape) whatever the mesh or the number of processes: on a mesh
+(``sharding``) the layer is gathered whole onto one device of this process, fused there, and its blocks are then
+copied into the sharded target, which moves bits and computes nothing. With several processes each process fuses the
+same layer from the same inputs on its own first device and places its own blocks. The merged values therefore
+equal the 1-device values bit for bit on any mesh and process count, on every backend whose compiler is
+deterministic for one program. (Compiling the fuse for the mesh instead, as this module once did, lets XLA's SPMD
+partitioner change the arithmetic; see ``_fuse_program``.)
 """
 
 import dataclasses
@@ -153,10 +164,10 @@ def _rounding_stats(kernel, update, out_dtype):
     return changed, jnp.sum(jnp.square(update)), jnp.sum(jnp.square((stored - kernel) - update))
 
 
-def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes, *, whole: jax.sharding.Sharding):
+def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes):
+    """One layer: the stored merged layer (``step.out_dtype``) and its ``_STATS`` figures."""
     kernel, lora_a, lora_b = (x.astype(jnp.float32) for x in (kernel, lora_a, lora_b))
-    delta = jax.lax.with_sharding_constraint(_einsum(step.update_equation, lora_a, lora_b), whole)
-    update = step.scale * delta
+    update = step.scale * _einsum(step.update_equation, lora_a, lora_b)
     merged = kernel + update
     stored = merged.astype(step.out_dtype)
     stats = jnp.zeros(_STATS, jnp.float32).at[0].set(jnp.all(jnp.isfinite(merged)))
@@ -167,60 +178,84 @@ def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes, *, whole: jax.shard
     return stored, stats
 
 
+@functools.cache
+def _fuse_program(step: _Step) -> Callable:
+    """The one program that fuses a layer of ``step``'s pair kind, whatever the mesh: see the module docstring."""
+    # Why one device: compiled for a mesh, this step was a different program on every mesh. XLA's SPMD partitioner
+    # propagates the kernel's sharding backwards into the update even when the update is constrained replicated: for
+    # attn_vec_einsum, jnp.einsum computes dW = A . (sum over heads of B), and with the kernel sharded on its last
+    # axis the 8-device program summed B's heads per column block in an XLA loop fusion and all-gathered the blocks,
+    # where the 1-device program summed them whole in an XNNPACK (YNN) reduce fusion, jax 0.10's CPU default. Two
+    # kernels sum the heads in different orders: 1 float32 rounding step in dW, now and then 1 bfloat16 ulp stored
+    # (issue 11: 2 of 12288 elements; here 9 of 49152 with 64 heads on fsdp=2,tp=2). jax 0.5.3 has no YNN fusions,
+    # so both of its programs used the same loop reduce and agreed, by luck rather than by design.
+    return jax.jit(functools.partial(_fuse_layer, step))
+
+
 def _take_layer(x, index):
     return x[index]
 
 
-def _write_layer(target, layer, lora_a, lora_b, probes, index, *, step: _Step, whole: jax.sharding.Sharding):
-    """Fuses ``layer``, the kernel's layer at ``index`` (a tuple over the stacked leading axes), into ``target``.
+def _write_layer(target, layer, index):
+    """Writes ``layer`` into ``target`` at ``index`` (a tuple over the stacked leading axes).
 
     ``target`` is donated and only written, so XLA updates it in place and a stacked kernel is merged one layer at a
-    time with temporaries the size of one layer. The layer comes from a separate step (``_take_layer``): slicing it
-    out of ``target`` in this program would make XLA copy all of ``target`` first, and the whole-array form would
-    make it hoist float32 copies of the full stack.
+    time with temporaries the size of one layer. The layer is taken out by a separate step (``_take_layer``): slicing
+    it out of ``target`` in this program would make XLA copy all of ``target`` first.
     """
-    merged, stats = _fuse_layer(step, layer, lora_a[index], lora_b[index], probes[index], whole=whole)
-    start = (*index, *(0 for _ in merged.shape))
+    start = (*index, *(0 for _ in layer.shape))
     # Written as raw bits: XLA's CPU backend widens a bfloat16 update to float32 across all of ``target``.
     bits = jnp.dtype(f"uint{8 * target.dtype.itemsize}")
-    update = jax.lax.bitcast_convert_type(merged.reshape((1,) * len(index) + merged.shape), bits)
+    update = jax.lax.bitcast_convert_type(layer.reshape((1,) * len(index) + layer.shape), bits)
     written = jax.lax.dynamic_update_slice(jax.lax.bitcast_convert_type(target, bits), update, start)
-    return jax.lax.bitcast_convert_type(written, target.dtype), stats
+    return jax.lax.bitcast_convert_type(written, target.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Compiled:
-    """One pair kind's steps under ``jax.jit``; kernels are placed as the layout says, everything else replicated."""
+class LayerFuser:
+    """Fuses one pair a layer at a time on one device; ``finish`` checks what all its layers measured.
 
-    take_layer: Callable
-    write_layer: Callable
-    zeros: Callable  # zeros(shape): the target of a merge that changes the kernel's dtype.
+    Every layer goes through the same compiled program (``_fuse_program``, one per pair kind) on one device, so a
+    layer's stored values depend on nothing but its inputs: not on the mesh, the process, or who sliced the layer.
+    """
+
+    pair: plan.Pair
+    step: _Step
+    device: jax.Device
+    probes: np.ndarray | None  # (*batch_shape, *probe_shape); None without verification.
+    stats: list[jax.Array] = dataclasses.field(default_factory=list)  # One (_STATS,) device array per fused layer.
+
+    def fuse(self, index: tuple[int, ...], kernel, lora_a, lora_b) -> jax.Array:
+        """The stored layer ``index`` (``pair.out_dtype``, on ``device``) from the layer's kernel, A and B.
+
+        Inputs are numpy arrays or jax.Arrays of one layer; the result is dispatched, not waited for, and the layer's
+        figures are kept on the device until ``finish``.
+        """
+        probes = None if self.probes is None else self.probes[tuple(index)]
+        inputs = (kernel, lora_a, lora_b, probes)
+        stored, stats = _fuse_program(self.step)(*(None if x is None else _whole_on(x, self.device) for x in inputs))
+        self.stats.append(stats)
+        return stored
+
+    def finish(self) -> Check:
+        """Fetches every layer's figures at once; raises NumericsError on NaN or Inf or a failed verification."""
+        return _check(self.pair, np.asarray(jnp.stack(self.stats)), verified=self.probes is not None)
 
 
-@functools.cache
-def _compiled(step: _Step, stacked: jax.sharding.Sharding, layer: jax.sharding.Sharding, replicated) -> _Compiled:
-    return _Compiled(
-        take_layer=jax.jit(_take_layer, in_shardings=(stacked, replicated), out_shardings=layer),
-        write_layer=jax.jit(
-            functools.partial(_write_layer, step=step, whole=replicated),
-            donate_argnums=0,
-            in_shardings=(stacked, layer, replicated, replicated, replicated, replicated),
-            out_shardings=(stacked, replicated),
-        ),
-        zeros=jax.jit(functools.partial(jnp.zeros, dtype=step.out_dtype), static_argnums=0, out_shardings=stacked),
-    )
+def layer_fuser(pair: plan.Pair, *, verify: bool, seed: int, device: jax.Device) -> LayerFuser:
+    """A LayerFuser for ``pair`` on ``device``; its probes are drawn from ``seed`` over all the pair's layers."""
+    step = _make_step(pair, verify=verify)
+    probes = None
+    if step.probe_shape is not None:
+        # Probes come from the host: random number generation inside the compiled step would double compile time.
+        batch_shape = pair.kernel.shape[: pair.batch_ndim]
+        probes = np.random.default_rng(seed).standard_normal((*batch_shape, *step.probe_shape), np.float32)
+    return LayerFuser(pair=pair, step=step, device=device, probes=probes)
 
 
-def _place(x: jax.Array | np.ndarray, where: jax.sharding.Sharding) -> jax.Array:
-    """A host array as a jax.Array placed ``where`` (the same values on every process); jax.Arrays stay as they are."""
-    if isinstance(x, jax.Array):
-        return x
-    return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
-
-
-def _check(pair: plan.Pair, stats: list[jax.Array], *, verify: bool) -> Check:
-    """The pair's Check from its layers' stats; raises NumericsError on NaN or Inf, or a failed verification."""
-    finite, max_diff, max_output, bound_ratio, changed, update_sq, lost_sq = np.asarray(jnp.stack(stats)).T
+def _check(pair: plan.Pair, stats: np.ndarray, *, verified: bool) -> Check:
+    """The pair's Check from its layers' ``_STATS`` rows; raises NumericsError as ``fuse_pair`` documents."""
+    finite, max_diff, max_output, bound_ratio, changed, update_sq, lost_sq = stats.T
     if not finite.all():
         raise errors.NumericsError(f"merging {pair.kernel.name} produced NaN or Inf: the input holds non-finite values")
     rounding = {
@@ -229,7 +264,7 @@ def _check(pair: plan.Pair, stats: list[jax.Array], *, verify: bool) -> Check:
             np.sqrt(lost_sq.sum(dtype=np.float64)) / max(np.sqrt(update_sq.sum(dtype=np.float64)), 1e-30)
         ),
     }
-    if not verify:
+    if not verified:
         return Check(pair, None, None, **rounding)
     relative_error = float(max_diff.max() / max(max_output.max(), 1e-30))
     check = Check(pair, relative_error, float(bound_ratio.max()), **rounding)
@@ -240,6 +275,62 @@ def _check(pair: plan.Pair, stats: list[jax.Array], *, verify: bool) -> Check:
             f"{check.relative_error:.3g})"
         )
     return check
+
+
+@functools.cache
+def _placement(
+    stacked: jax.sharding.Sharding,
+    layer: jax.sharding.Sharding,
+    taken: jax.sharding.Sharding,
+    replicated: jax.sharding.Sharding,
+) -> tuple[Callable, Callable]:
+    """(take, write): a layer of the kernel placed ``stacked``, as ``taken``; and writing a layer placed ``layer``."""
+    return (
+        jax.jit(_take_layer, in_shardings=(stacked, replicated), out_shardings=taken),
+        jax.jit(_write_layer, donate_argnums=0, in_shardings=(stacked, layer, replicated), out_shardings=stacked),
+    )
+
+
+# A layer of an array on one device, taken there (the factors on the fusing device).
+_take_on_device = jax.jit(_take_layer)
+
+
+@functools.cache
+def _zeros(shape: tuple[int, ...], dtype: np.dtype, where: jax.sharding.Sharding) -> Callable:
+    return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=where)
+
+
+def _whole_on(x: jax.Array | np.ndarray, device: jax.Device) -> jax.Array:
+    """``x`` whole on ``device``: a replicated array's own copy there, else a transfer (host arrays: a copy)."""
+    if isinstance(x, jax.Array) and x.is_fully_replicated:
+        for shard in x.addressable_shards:
+            if shard.device == device:
+                return shard.data
+    return jax.device_put(x, device)
+
+
+def _place_layer(layer: jax.Array, where: jax.sharding.Sharding) -> jax.Array:
+    """A single-device ``layer`` placed ``where``: each of this process's devices gets its block, copied from it."""
+    if isinstance(where, jax.sharding.SingleDeviceSharding):
+        return jax.device_put(layer, where)
+    blocks = where.addressable_devices_indices_map(layer.shape)
+    return jax.make_array_from_single_device_arrays(
+        layer.shape, where, [jax.device_put(layer[index], device) for device, index in blocks.items()]
+    )
+
+
+def _fusing_device(layout: sharding.Layout) -> jax.Device:
+    """The layout's device if this process has it, else this process's first device of the mesh."""
+    if layout.device.process_index == jax.process_index():
+        return layout.device
+    return next(d for d in layout.mesh.devices.flat if d.process_index == jax.process_index())
+
+
+def _place(x: jax.Array | np.ndarray, where: jax.sharding.Sharding) -> jax.Array:
+    """A host array as a jax.Array placed ``where`` (the same values on every process); jax.Arrays stay as they are."""
+    if isinstance(x, jax.Array):
+        return x
+    return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
 
 def fuse_pair(
@@ -257,22 +348,24 @@ def fuse_pair(
     ``kernel`` is consumed: its buffer becomes the merged kernel when the dtype is kept. Raises NumericsError on NaN
     or Inf, or when the merged kernel's outputs differ from the LoRA path's by more than rounding explains.
     """
-    step = _make_step(pair, verify=verify)
+    device = _fusing_device(layout)
+    fuser = layer_fuser(pair, verify=verify, seed=seed, device=device)
     stacked, replicated = layout.sharding(pair.kernel), layout.replicated
-    steps = _compiled(step, stacked, layout.layer_sharding(pair.kernel, pair.batch_ndim), replicated)
-    batch_shape = pair.kernel.shape[: pair.batch_ndim]
-    # Probes come from the host: random number generation inside the compiled step would double compile time.
-    probes = np.random.default_rng(seed).standard_normal((*batch_shape, *(step.probe_shape or ())), np.float32)
+    layer_where = layout.layer_sharding(pair.kernel, pair.batch_ndim)
+    # One process: a layer is taken block by block where it lies and copied whole to the fusing device (one layer of
+    # temporaries); several processes: gathered onto every device, as JAX moves data across processes only in programs.
+    taken = layer_where if jax.process_count() == 1 else replicated
+    take, write = _placement(stacked, layer_where, taken, replicated)
     kernel = _place(kernel, stacked)
-    lora_a, lora_b, probes = (_place(x, replicated) for x in (lora_a, lora_b, probes))
+    # The factors whole on the fusing device, once per pair (no copy when they are replicated, as the layout has them).
+    lora_a, lora_b = (_whole_on(x, device) for x in (lora_a, lora_b))
     in_place = np.dtype(kernel.dtype) == pair.out_dtype
-    target = kernel if in_place else steps.zeros(pair.kernel.shape)
-    stats = []
-    for index in np.ndindex(batch_shape):
-        layer = steps.take_layer(target if in_place else kernel, index)
-        target, layer_stats = steps.write_layer(target, layer, lora_a, lora_b, probes, index)
-        stats.append(layer_stats)
-    return target, _check(pair, stats, verify=verify)
+    target = kernel if in_place else _zeros(pair.kernel.shape, pair.out_dtype, stacked)()
+    for index in np.ndindex(pair.kernel.shape[: pair.batch_ndim]):
+        layer = take(target if in_place else kernel, index)
+        stored = fuser.fuse(index, layer, _take_on_device(lora_a, index), _take_on_device(lora_b, index))
+        target = write(target, _place_layer(stored, layer_where), index)
+    return target, fuser.finish()
 
 
 def first_per_pair(checks: list[Check]) -> list[Check]:
@@ -313,37 +406,3 @@ def fuse_all(
         if on_pair is not None:
             on_pair(pair)
     return params, checks
-
-
-class LayerFuser:
-    """Fuses one pair a layer at a time on one device (the streaming path): ``fuse`` each layer, then ``finish``."""
-
-    def __init__(self, pair: plan.Pair, *, verify: bool, seed: int, device: jax.Device):
-        self.pair, self._verify, self._device = pair, verify, device
-        step = _make_step(pair, verify=verify)
-        batch_shape = pair.kernel.shape[: pair.batch_ndim]
-        self._probes = np.random.default_rng(seed).standard_normal(
-            (*batch_shape, *(step.probe_shape or ())), np.float32
-        )
-        self._fn = _layer_step(step, device)
-        self._stats: list[jax.Array] = []
-
-    def fuse(self, index: tuple[int, ...], kernel, lora_a, lora_b) -> jax.Array:
-        """The stored layer ``index`` (dispatched, not waited for); its stats are kept for ``finish``."""
-        operands = (kernel, lora_a, lora_b, self._probes[index])
-        stored, stats = self._fn(*(jax.device_put(x, self._device) for x in operands))
-        self._stats.append(stats)
-        return stored
-
-    def finish(self) -> Check:
-        """Raises NumericsError as ``fuse_pair`` does."""
-        return _check(self.pair, self._stats, verify=self._verify)
-
-
-@functools.cache
-def _layer_step(step: _Step, device: jax.Device) -> Callable:
-    return jax.jit(functools.partial(_fuse_layer, step, whole=jax.sharding.SingleDeviceSharding(device)))
-
-
-def layer_fuser(pair: plan.Pair, *, verify: bool, seed: int, device: jax.Device) -> LayerFuser:
-    return LayerFuser(pair, verify=verify, seed=seed, device=device)

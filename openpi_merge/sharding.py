@@ -5,10 +5,12 @@
 
 * each mesh axis, in the order given, shards the largest array axis whose size it divides and that no earlier mesh
   axis took (the later one on a tie); a leaf without such an axis is replicated over that mesh axis;
-* LoRA factors are replicated: they are small, only the fuse reads them, and a replicated factor lets every device
-  compute its block of the merged kernel alone, with no partial sums whose order would change the rounding.
+* LoRA factors are replicated: they are small, and only the fuse reads them, whole, on one device.
 
-The merged kernel keeps its input kernel's sharding, so the fuse moves no kernel data between devices.
+The merged kernel keeps its input kernel's sharding. The mesh decides where arrays are stored, never what is
+computed: the fuse gathers each layer of a kernel onto one device of each process, fuses it there with the program a
+single-device run uses, and copies the stored layer's blocks back into the sharded kernel (``fuse``), so the merged
+values are bit-identical to a single-device merge's on any mesh and process count.
 """
 
 import dataclasses
