@@ -208,6 +208,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out", help="where the markdown table and JSON go")
     parser.add_argument("--budget_gb", type=float, default=2.0, help="memory budget of the streamed openpi-merge run")
     parser.add_argument("--merge_flag", action="append", default=[], help="extra openpi-merge run: 'name=--config.x=1'")
+    parser.add_argument(
+        "--skip", action="append", default=[], help="an approach not to run, by name (e.g. 'numpy by hand')"
+    )
     parser.add_argument("--bucket", help="also time gs:// runs under this prefix; 'emulator': fake-gcs-server locally")
     args = parser.parse_args()
     emulator = _start_emulator() if args.bucket == "emulator" else None
@@ -258,6 +261,8 @@ def main() -> None:
 
     rows = []
     for name, command, reads, writes in runs:
+        if name in args.skip:
+            continue
         rows.append(_run(name, command, reads, writes))
         print(f"{name}: {rows[-1]['wall_s']:.1f} s, peak RSS {rows[-1]['peak_rss_gb']:.2f} GB", flush=True)
         if "://" in str(writes):
@@ -270,9 +275,10 @@ def main() -> None:
         emulator.kill()
 
     table = _table(rows, in_memory_gb)
+    merged_on = next(row["devices"] for row in rows if row["approach"] == "openpi-merge")
     header = (
         f"{args.model} ({args.scale}), {in_memory_gb:.2f} GB in memory; {machine['cpu']}, {machine['cores']} cores, "
-        f"{machine['memory_gb']} GB RAM, JAX {machine['jax']} on {rows[2]['devices']}, {machine['date']}"
+        f"{machine['memory_gb']} GB RAM, JAX {machine['jax']} on {merged_on}, {machine['date']}"
     )
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
