@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import jax
 import orbax.checkpoint as ocp
 
-from openpi_merge import checkpoint, plan
+from openpi_merge import checkpoint, plan, slices
 
 GB = 1e9
 
@@ -73,21 +73,11 @@ class _Pending:
     group: int
 
 
-class _GroupWriter(ocp.type_handlers.TypeHandler):
+class _GroupWriter(slices.WriteOnlyArrayHandler):
     """Writes ``_Pending`` leaves group by group through Orbax's ``ArrayHandler``; see the module docstring."""
 
     def __init__(self, produce: Callable[[int], dict[plan.Path, jax.Array]], written: Callable[[int], None]):
         self._produce, self._written = produce, written
-        self._typestr = ocp.type_handlers.ArrayHandler().typestr()
-
-    def typestr(self) -> str:
-        return self._typestr
-
-    async def metadata(self, infos):
-        raise NotImplementedError("placeholders are only written")
-
-    async def deserialize(self, infos, args=None):
-        raise NotImplementedError("placeholders are only written")
 
     async def serialize(self, values: Sequence[_Pending], infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)

@@ -22,7 +22,6 @@ has nothing to compare against.
 import concurrent.futures
 import hashlib
 import json
-import os
 import pathlib
 from collections.abc import Callable, Iterable, Iterator
 
@@ -35,7 +34,6 @@ from openpi_merge import checkpoint, errors, plan, sharding, storage
 FILENAME = "openpi_merge_manifest.json"
 FORMAT = "openpi-merge-manifest/1"
 _CHUNK_BYTES = 64 * 2**20  # Hashed and checked a chunk at a time: the finiteness test needs a bool per element.
-_WORKERS = max(2, os.cpu_count() or 2)  # hashlib and numpy release the GIL on large buffers.
 
 
 def _host(array: jax.Array | np.ndarray) -> np.ndarray:
@@ -73,15 +71,13 @@ def _is_float(dtype: np.dtype) -> bool:
 
 
 class Digests:
-    """Digests of the arrays as they are written; ``add`` starts hashing in threads, ``entries`` waits for them.
-
-    An array written in slices is hashed slice by slice, in order, on one thread of its own: ``update`` each slice
-    (first axis, in order), then ``finish``.
+    """Digests of the arrays as they are written, ``entries`` waits for them. A streamed array is hashed slice by
+    slice, in order, on one thread of its own: ``update`` each slice (first axis, in order), then ``finish``; arrays
+    of a multi-process run are digested elsewhere and recorded with ``add_digested``.
     """
 
     def __init__(self, check_finite: Iterable[plan.Path] = ()) -> None:
         self._check_finite = set(check_finite)
-        self._pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="openpi-merge-digest")
         self._lane = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="openpi-merge-digest-slices")
         self._pending: dict[plan.Path, tuple[plan.Leaf, concurrent.futures.Future]] = {}
         self._running: dict[plan.Path, tuple[object, list[bool]]] = {}
@@ -100,13 +96,6 @@ class Digests:
         """Records ``leaf``'s digest once every slice given to ``update`` is hashed."""
         digest, ok = self._running.pop(leaf.path, (hashlib.sha256(), [True]))
         self._pending[leaf.path] = (leaf, self._lane.submit(lambda: (digest.hexdigest(), ok[0])))
-
-    def add(self, arrays: dict[plan.Path, jax.Array]) -> None:
-        """Starts hashing ``arrays``, each whole on this process."""
-        for path, array in arrays.items():
-            leaf = plan.Leaf(path=path, shape=tuple(array.shape), dtype=np.dtype(array.dtype))
-            finite = path in self._check_finite and _is_float(leaf.dtype)
-            self._pending[path] = (leaf, self._pool.submit(_digest, _host(array), finite=finite))
 
     def wait(self) -> None:
         """Waits for every digest started so far; raises NumericsError for a kept leaf holding NaN or Inf."""
@@ -128,7 +117,6 @@ class Digests:
         return {leaf.name: _entry(leaf, future.result()[0]) for leaf, future in self._pending.values()}
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
         self._lane.shutdown(wait=True, cancel_futures=True)
 
 

@@ -135,9 +135,7 @@ def merged_arrays(ctx: _Context, group: plan.Plan, *, again: bool = False) -> fu
             group, params, ctx.layout, verify=ctx.settings.verify and not again, on_pair=None if again else after_pair
         )
     if not again:
-        ctx.outcome.checks += checks
-        if distributed.is_single_process():  # Several processes: digested after the save (``_digest_written``).
-            ctx.digests.add(merged)  # Hashed in threads while Orbax writes; streamed, waited for once it has.
+        ctx.outcome.checks += checks  # Digested after the save (``_digest_written``): the arrays span processes.
     return merged
 
 
@@ -218,7 +216,6 @@ def _write(ctx: _Context, params_dir: storage.AnyPath) -> Iterator[fuse.Params] 
             parts,
             functools.partial(merged_arrays, ctx),
             value_suffix=value_suffix,
-            written=lambda group: ctx.digests.wait(),  # A group's arrays are freed only once hashed.
         )
         return (merged_arrays(ctx, group, again=True) for group in parts)  # Lazy: runs only for the reload check.
     merged = merged_arrays(ctx, merge_plan)

@@ -150,21 +150,27 @@ class _Placeholder:
         self.array = array
 
 
-class _SliceHandler(ocp.type_handlers.TypeHandler):
-    """Opens the placeholders' arrays when Orbax asks to write them, hands them over, and waits (module docstring)."""
+class WriteOnlyArrayHandler(ocp.type_handlers.TypeHandler):
+    """A handler of placeholder leaves that Orbax's save writes as arrays: it presents itself as Orbax's
+    ``ArrayHandler`` (so the tree metadata names ``jax.Array``) and is never asked to read."""
 
-    def __init__(self, opened: concurrent.futures.Future, finished: concurrent.futures.Future):
-        self._opened, self._finished = opened, finished
-        self._typestr = ocp.type_handlers.ArrayHandler().typestr()
+    _TYPESTR = ocp.type_handlers.ArrayHandler().typestr()
 
     def typestr(self) -> str:
-        return self._typestr
+        return self._TYPESTR
 
     async def metadata(self, infos):
         raise NotImplementedError("placeholders are only written")
 
     async def deserialize(self, infos, args=None):
         raise NotImplementedError("placeholders are only written")
+
+
+class _SliceHandler(WriteOnlyArrayHandler):
+    """Opens the placeholders' arrays when Orbax asks to write them, hands them over, and waits (module docstring)."""
+
+    def __init__(self, opened: concurrent.futures.Future, finished: concurrent.futures.Future):
+        self._opened, self._finished = opened, finished
 
     async def serialize(self, values: Sequence[_Placeholder], infos, args=None):
         try:
