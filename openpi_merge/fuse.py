@@ -189,7 +189,11 @@ def _fuse_program(step: _Step) -> Callable:
     # kernels sum the heads in different orders: 1 float32 rounding step in dW, now and then 1 bfloat16 ulp stored
     # (issue 11: 2 of 12288 elements; here 9 of 49152 with 64 heads on fsdp=2,tp=2). jax 0.5.3 has no YNN fusions,
     # so both of its programs used the same loop reduce and agreed, by luck rather than by design.
-    return jax.jit(functools.partial(_fuse_layer, step))
+
+    def fuse_layer(kernel, lora_a, lora_b, probes):
+        return _fuse_layer(step, kernel, lora_a, lora_b, probes)
+
+    return jax.jit(fuse_layer)
 
 
 def _take_layer(x, index):
@@ -291,10 +295,6 @@ def _placement(
     )
 
 
-# A layer of an array on one device, taken there (the factors on the fusing device).
-_take_on_device = jax.jit(_take_layer)
-
-
 @functools.cache
 def _zeros(shape: tuple[int, ...], dtype: np.dtype, where: jax.sharding.Sharding) -> Callable:
     return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=where)
@@ -357,13 +357,14 @@ def fuse_pair(
     taken = layer_where if jax.process_count() == 1 else replicated
     take, write = _placement(stacked, layer_where, taken, replicated)
     kernel = _place(kernel, stacked)
-    # The factors whole on the fusing device, once per pair (no copy when they are replicated, as the layout has them).
-    lora_a, lora_b = (_whole_on(x, device) for x in (lora_a, lora_b))
+    # The factors on the host, fetched once per pair (this process's own copy): small, and numpy slices of a layer
+    # cost no compiled step of their own.
+    lora_a, lora_b = (np.asarray(_whole_on(x, device)) for x in (lora_a, lora_b))
     in_place = np.dtype(kernel.dtype) == pair.out_dtype
     target = kernel if in_place else _zeros(pair.kernel.shape, pair.out_dtype, stacked)()
     for index in np.ndindex(pair.kernel.shape[: pair.batch_ndim]):
         layer = take(target if in_place else kernel, index)
-        stored = fuser.fuse(index, layer, _take_on_device(lora_a, index), _take_on_device(lora_b, index))
+        stored = fuser.fuse(index, layer, lora_a[index], lora_b[index])
         target = write(target, _place_layer(stored, layer_where), index)
     return target, fuser.finish()
 
