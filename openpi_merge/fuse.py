@@ -185,10 +185,10 @@ def _fuse_program(step: _Step) -> Callable:
     # propagates the kernel's sharding backwards into the update even when the update is constrained replicated: for
     # attn_vec_einsum, jnp.einsum computes dW = A . (sum over heads of B), and with the kernel sharded on its last
     # axis the 8-device program summed B's heads per column block in an XLA loop fusion and all-gathered the blocks,
-    # where the 1-device program summed them whole in an XNNPACK (YNN) reduce fusion, jax 0.10's CPU default. Two
-    # kernels sum the heads in different orders: 1 float32 rounding step in dW, now and then 1 bfloat16 ulp stored
-    # (issue 11: 2 of 12288 elements; here 9 of 49152 with 64 heads on fsdp=2,tp=2). jax 0.5.3 has no YNN fusions,
-    # so both of its programs used the same loop reduce and agreed, by luck rather than by design.
+    # where the 1-device program summed them whole in a YNNPACK reduce fusion (``__ynn_fusion``, in jax 0.10's CPU
+    # backend). The two sum the heads in different orders: a float32 rounding step in dW, now and then a bfloat16
+    # ulp stored (issue 11: 2 of 12288 elements; here 9 of 49152 with 64 heads on fsdp=2,tp=2). jax 0.5.3 has no
+    # YNN fusions, so both of its programs used the same loop reduce and agreed, by luck rather than by design.
 
     def fuse_layer(kernel, lora_a, lora_b, probes):
         return _fuse_layer(step, kernel, lora_a, lora_b, probes)
