@@ -25,7 +25,7 @@ from openpi_merge.testing import synthetic
 
 TESTS = REPO / "tests"
 PROPERTY_SEED = 2  # Draws of this seed differed bit-wise between meshes when each mesh compiled its own fuse program.
-PROPERTY_DRAWS = 12  # Two per module kind; each kind meets every mesh family at sizes 2, 4 and 8 over its draws.
+PROPERTY_DRAWS = 12  # Two per module kind; over all draws every mesh family runs at sizes 2, 4 and 8 (asserted).
 
 
 def _cpu_env(devices: int) -> dict[str, str]:
