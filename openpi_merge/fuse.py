@@ -185,11 +185,15 @@ def _fuse_program(step: _Step) -> Callable:
     # propagates the kernel's sharding backwards into the update even when the update is constrained replicated: for
     # attn_vec_einsum, jnp.einsum computes dW = A . (sum over heads of B), and with the kernel sharded on its last
     # axis the 8-device program summed B's heads per column block in an XLA loop fusion and all-gathered the blocks,
-    # where the 1-device program summed them whole in an XNNPACK (YNN) reduce fusion, jax 0.10's CPU default. Two
-    # kernels sum the heads in different orders: 1 float32 rounding step in dW, now and then 1 bfloat16 ulp stored
-    # (issue 11: 2 of 12288 elements; here 9 of 49152 with 64 heads on fsdp=2,tp=2). jax 0.5.3 has no YNN fusions,
-    # so both of its programs used the same loop reduce and agreed, by luck rather than by design.
-    return jax.jit(functools.partial(_fuse_layer, step))
+    # where the 1-device program summed them whole in a YNNPACK reduce fusion (``__ynn_fusion``, in jax 0.10's CPU
+    # backend). The two sum the heads in different orders: a float32 rounding step in dW, now and then a bfloat16
+    # ulp stored (issue 11: 2 of 12288 elements; here 9 of 49152 with 64 heads on fsdp=2,tp=2). jax 0.5.3 has no
+    # YNN fusions, so both of its programs used the same loop reduce and agreed, by luck rather than by design.
+
+    def fuse_layer(kernel, lora_a, lora_b, probes):
+        return _fuse_layer(step, kernel, lora_a, lora_b, probes)
+
+    return jax.jit(fuse_layer)
 
 
 def _take_layer(x, index):
@@ -291,10 +295,6 @@ def _placement(
     )
 
 
-# A layer of an array on one device, taken there (the factors on the fusing device).
-_take_on_device = jax.jit(_take_layer)
-
-
 @functools.cache
 def _zeros(shape: tuple[int, ...], dtype: np.dtype, where: jax.sharding.Sharding) -> Callable:
     return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=where)
@@ -357,13 +357,14 @@ def fuse_pair(
     taken = layer_where if jax.process_count() == 1 else replicated
     take, write = _placement(stacked, layer_where, taken, replicated)
     kernel = _place(kernel, stacked)
-    # The factors whole on the fusing device, once per pair (no copy when they are replicated, as the layout has them).
-    lora_a, lora_b = (_whole_on(x, device) for x in (lora_a, lora_b))
+    # The factors on the host, fetched once per pair (this process's own copy): small, and numpy slices of a layer
+    # cost no compiled step of their own.
+    lora_a, lora_b = (np.asarray(_whole_on(x, device)) for x in (lora_a, lora_b))
     in_place = np.dtype(kernel.dtype) == pair.out_dtype
     target = kernel if in_place else _zeros(pair.kernel.shape, pair.out_dtype, stacked)()
     for index in np.ndindex(pair.kernel.shape[: pair.batch_ndim]):
         layer = take(target if in_place else kernel, index)
-        stored = fuser.fuse(index, layer, _take_on_device(lora_a, index), _take_on_device(lora_b, index))
+        stored = fuser.fuse(index, layer, lora_a[index], lora_b[index])
         target = write(target, _place_layer(stored, layer_where), index)
     return target, fuser.finish()
 
