@@ -8,8 +8,13 @@ Reads the Orbax checkpoint, pairs every kernel with its LoRA factors, fuses ``W 
 itself is ``pipeline``'s; this module owns the command line, signals and exit codes.
 """
 
+import pathlib
+import sys
+
 from openpi_merge import memory, signals
 
+if __name__ == "__main__" or pathlib.Path(sys.argv[0]).name == "openpi-merge":  # The program, not an import of it.
+    memory.restart_with_huge_pages()  # First of all: it restarts the process (see memory).
 signals.install()  # Before the heavy imports below: a Ctrl-C during start-up ends the run with one line too.
 memory.limit_arenas()  # Before TensorStore and XLA start their threads.
 
@@ -17,10 +22,8 @@ import contextlib
 import dataclasses
 import difflib
 import importlib.util
-import pathlib
 import shutil
 import signal
-import sys
 import tempfile
 
 from absl import app, flags, logging

@@ -1,4 +1,14 @@
-"""How much memory a run may use, and how much it did: the ``memory_budget_gb=auto`` budget and peak RSS.
+"""How much memory a run may use, and how much it did: the ``memory_budget_gb=auto`` budget and peak RSS; and how
+glibc's malloc serves the run's large buffers.
+
+``restart_with_huge_pages`` runs first of all, in the command-line program only: the fuse and TensorStore allocate
+and free buffers of tens to hundreds of MB for every layer, which glibc maps afresh each time, so the kernel zeroes
+and maps them 4 KiB page by page. On a full pi0 merge that page-faulting took 19 of its 88 CPU seconds. Restarted
+with glibc's ``glibc.malloc.hugetlb=1`` tunable, malloc asks for transparent huge pages (``madvise``), 2 MiB a fault:
+the merge took 4 s less wall time and 10 s less system time. A tunable is read only when a process starts, hence the
+restart (``execv``: the same process id, arguments and environment, plus the tunable). It is skipped where it cannot
+help (not Linux with glibc 2.35 or later, huge pages off or already ``always``) and when ``GLIBC_TUNABLES`` already
+names the tunable: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` turns it off.
 
 ``limit_arenas`` is called once at start, before any thread exists: glibc gives each thread that contends for malloc
 an arena of its own (up to 8 per core), and TensorStore's and XLA's worker threads then keep freed chunk buffers in
@@ -10,13 +20,49 @@ import ctypes
 import ctypes.util
 import os
 import pathlib
+import re
 import resource
+import sys
 
 GB = 1e9
 _AUTO_SHARE = 0.5  # memory_budget_gb=auto: this share of the memory available when the run starts...
 _AUTO_CAP = 4 * 10**9  # ...at most this: beyond a few blocks in flight, more memory buys no speed (README, Scale).
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number.
 _ARENAS = 2
+
+
+_HUGETLB = "glibc.malloc.hugetlb"
+_THP_MODE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _glibc_version() -> tuple[int, int] | None:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        match = re.fullmatch(r"glibc (\d+)\.(\d+).*", os.confstr("CS_GNU_LIBC_VERSION") or "")
+        if match:
+            return int(match[1]), int(match[2])
+    return None
+
+
+def huge_pages_would_help() -> bool:
+    """Whether ``restart_with_huge_pages`` would restart: glibc 2.35+, THP in ``madvise`` mode, tunable not set."""
+    if sys.platform != "linux" or _HUGETLB in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if (_glibc_version() or (0, 0)) < (2, 35):
+        return False
+    try:
+        return "[madvise]" in _THP_MODE.read_text()
+    except OSError:
+        return False
+
+
+def restart_with_huge_pages() -> None:
+    """Restarts this program with malloc on transparent huge pages (module docstring); returns if it does not."""
+    if not huge_pages_would_help():
+        return
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    os.environ["GLIBC_TUNABLES"] = ":".join([*tunables, f"{_HUGETLB}=1"])
+    with contextlib.suppress(OSError):  # Cannot exec (a frozen or embedded interpreter): run on without.
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def limit_arenas() -> None:

@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -123,12 +124,79 @@ def _ending(status: int) -> str:
     return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _thread_kind(comm: str) -> str:
+    """A thread's kind from its name: numbers dropped (``ts_pool_worker7`` and ``ts_pool_worker12`` are one kind)."""
+    return re.sub(r"[-_:]?\d+$", "", comm) or comm
+
+
+class _ThreadSampler:
+    """Samples a child's threads from /proc every ``period`` seconds: CPU seconds per thread kind, and cores busy.
+
+    A thread's CPU time is its last sample, so the time of a thread that ended between samples is partly lost; the
+    process total (wait4's rusage) is exact, and the table's CPU seconds come from it.
+    """
+
+    def __init__(self, pid: int, period: float = 0.2) -> None:
+        self._pid, self._period = pid, period
+        self._threads: dict[int, tuple[str, float]] = {}
+        self._busy: list[float] = []  # Cores busy over each period.
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> float:
+        total = 0.0
+        for task in pathlib.Path(f"/proc/{self._pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue  # The thread ended.
+            comm, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+            seconds = (int(fields[11]) + int(fields[12])) / _TICKS  # utime + stime
+            self._threads[int(task.name)] = (_thread_kind(comm), seconds)
+            total += seconds
+        return total
+
+    def _loop(self) -> None:
+        last, last_time = 0.0, time.perf_counter()
+        while not self._done.wait(self._period):
+            try:
+                now = self._sample()
+            except OSError:
+                return  # The child has exited.
+            moment = time.perf_counter()
+            self._busy.append(max(0.0, now - last) / (moment - last_time))
+            last, last_time = now, moment
+
+    def stop(self) -> dict:
+        self._done.set()
+        self._thread.join()
+        kinds: dict[str, float] = {}
+        for kind, seconds in self._threads.values():
+            kinds[kind] = kinds.get(kind, 0.0) + seconds
+        busy = sorted(self._busy)
+        return {
+            "cpu_s_by_thread": dict(sorted(((k, round(v, 1)) for k, v in kinds.items()), key=lambda kv: -kv[1])),
+            "cores_busy_median": busy[len(busy) // 2] if busy else None,
+        }
+
+
 def _run(name: str, command: list[str], reads: str | pathlib.Path, writes: str | pathlib.Path) -> dict:
-    """Runs one approach as a child process; wall seconds and its own peak RSS (wait4), bytes on disk."""
+    """Runs one approach as a child process; wall seconds, its own peak RSS and CPU seconds (wait4), bytes on disk,
+    and CPU seconds per thread kind (``_ThreadSampler``)."""
     start = time.perf_counter()
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sampler = _ThreadSampler(child.pid)
+    stderr_lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: stderr_lines.append(child.stderr.read()), daemon=True)
+    reader.start()
     stdout = child.stdout.read()
-    stderr = child.stderr.read()
+    reader.join()
+    stderr = b"".join(stderr_lines)
+    threads = sampler.stop()
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
     failure = None if status == 0 else _ending(status)
@@ -141,6 +209,8 @@ def _run(name: str, command: list[str], reads: str | pathlib.Path, writes: str |
         "failure": failure,
         "wall_s": wall,
         "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        **threads,
         "read_gb": read / 1e9,
         "written_gb": written / 1e9,
         "gb_per_s": (read + written) / 1e9 / wall,
@@ -185,17 +255,24 @@ def _prepare(model: str, scale: str, checkpoint_dir: str, work: str) -> None:
 
 def _table(rows: list[dict], in_memory_gb: float) -> str:
     lines = [
-        "| approach | wall s | peak RSS GB | RSS / tree | read GB | written GB | GB/s | x cp | x Orbax |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| approach | wall s | peak RSS GB | RSS / tree | CPU s | cores busy | read GB | written GB | GB/s | x cp "
+        "| x Orbax |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cp, orbax = rows[0]["wall_s"], rows[1]["wall_s"]
     for row in rows:
         wall = f"{row['wall_s']:.1f}" + (f" ({row['failure']})" if row["failure"] else "")
         lines.append(
             f"| {row['approach']} | {wall} | {row['peak_rss_gb']:.2f} | "
-            f"{row['peak_rss_gb'] / in_memory_gb:.2f} | {row['read_gb']:.2f} | {row['written_gb']:.2f} | "
+            f"{row['peak_rss_gb'] / in_memory_gb:.2f} | {row['cpu_s']:.0f} | {row['cpu_s'] / row['wall_s']:.2f} | "
+            f"{row['read_gb']:.2f} | {row['written_gb']:.2f} | "
             f"{row['gb_per_s']:.2f} | {row['wall_s'] / cp:.2f} | {row['wall_s'] / orbax:.2f} |"
         )
+    lines += ["", "CPU seconds by thread kind (sampled from /proc every 0.2 s; threads that ended between samples "
+              "are undercounted):", ""]
+    for row in rows:
+        kinds = ", ".join(f"{kind} {seconds:.0f}" for kind, seconds in row["cpu_s_by_thread"].items() if seconds >= 1)
+        lines.append(f"- {row['approach']}: {kinds}")
     return "\n".join(lines)
 
 
