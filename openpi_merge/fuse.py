@@ -121,7 +121,8 @@ def _einsum(equation: str, *operands):
 
 
 def _verify_layer(step: _Step, x, kernel, lora_a, lora_b, merged):
-    """Probe outputs of the LoRA path against the merged kernel: (max |diff|, max |y_lora|, max diff / bound).
+    """Probe outputs of the LoRA path against the merged kernel: (max |diff|, max |y_lora|, max diff / bound, and
+    whether every output is finite).
 
     The bound is the standard forward-error bound of the computation: ``tolerance * einsum(|x|, |W'|)`` covers the
     merged kernel's rounding and float32 accumulation in both paths.
@@ -129,11 +130,15 @@ def _verify_layer(step: _Step, x, kernel, lora_a, lora_b, merged):
     eqn_a, eqn_b = step.lora_equations
     y_lora = _einsum(step.forward_equation, x, kernel) + step.scale * _einsum(eqn_b, _einsum(eqn_a, x, lora_a), lora_b)
     y_merged = _einsum(step.forward_equation, x, merged)
+    # Finite probe outputs mean finite layers: every element of the kernel, A, B and the stored layer takes part in
+    # some output with a nonzero probe weight, and a NaN or Inf there makes that output NaN or Inf. (This spares the
+    # step a pass over the layer to test every element.)
+    finite = jnp.all(jnp.isfinite(y_merged)) & jnp.all(jnp.isfinite(y_lora))
     diff = jnp.abs(y_merged - y_lora)
     lora_magnitude = jnp.abs(step.scale) * _einsum(eqn_b, _einsum(eqn_a, jnp.abs(x), jnp.abs(lora_a)), jnp.abs(lora_b))
     magnitude = _einsum(step.forward_equation, jnp.abs(x), jnp.abs(merged) + jnp.abs(kernel)) + lora_magnitude
     bound = step.tolerance * magnitude + jnp.finfo(jnp.float32).tiny
-    return jnp.max(diff), jnp.max(jnp.abs(y_lora)), jnp.max(diff / bound)
+    return jnp.max(diff), jnp.max(jnp.abs(y_lora)), jnp.max(diff / bound), finite
 
 
 _STATS = 7  # finite, max diff, max |y_lora|, bound ratio, changed fraction, |s dW|^2, |stored - W - s dW|^2.
@@ -170,12 +175,11 @@ def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes):
     update = step.scale * _einsum(step.update_equation, lora_a, lora_b)
     merged = kernel + update
     stored = merged.astype(step.out_dtype)
-    stats = jnp.zeros(_STATS, jnp.float32).at[0].set(jnp.all(jnp.isfinite(merged)))
-    stats = stats.at[4:].set(jnp.stack(_rounding_stats(kernel, update, step.out_dtype)))
-    if step.probe_shape is not None:
-        checks = _verify_layer(step, probes, kernel, lora_a, lora_b, stored.astype(jnp.float32))
-        stats = stats.at[1:4].set(jnp.stack(checks))
-    return stored, stats
+    stats = jnp.zeros(_STATS, jnp.float32).at[4:].set(jnp.stack(_rounding_stats(kernel, update, step.out_dtype)))
+    if step.probe_shape is None:
+        return stored, stats.at[0].set(jnp.all(jnp.isfinite(merged)))
+    *checks, finite = _verify_layer(step, probes, kernel, lora_a, lora_b, stored.astype(jnp.float32))
+    return stored, stats.at[1:4].set(jnp.stack(checks)).at[0].set(finite)
 
 
 @functools.cache

@@ -9,6 +9,15 @@ from openpi_merge import storage
 from openpi_merge.testing import synthetic
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache_of_the_session(tmp_path_factory):
+    """The merges the tests start cache compiled programs in a dir of the session's, not in the user's cache
+    (compile_cache: ``$XDG_CACHE_HOME/openpi-merge/jax``); tests of the cache set their own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Returns a function (model, value_suffix=True, **kw) -> step dir of a tiny synthetic LoRA checkpoint.
