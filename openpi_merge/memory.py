@@ -3,12 +3,13 @@ glibc's malloc serves the run's large buffers.
 
 ``restart_with_huge_pages`` runs first of all, in the command-line program only: the fuse and TensorStore allocate
 and free buffers of tens to hundreds of MB for every layer, which glibc maps afresh each time, so the kernel zeroes
-and maps them 4 KiB page by page. On a full pi0 merge that page-faulting took 19 of its 88 CPU seconds. Restarted
-with glibc's ``glibc.malloc.hugetlb=1`` tunable, malloc asks for transparent huge pages (``madvise``), 2 MiB a fault:
-the merge took 4 s less wall time and 10 s less system time. A tunable is read only when a process starts, hence the
-restart (``execv``: the same process id, arguments and environment, plus the tunable). It is skipped where it cannot
-help (not Linux with glibc 2.35 or later, huge pages off or already ``always``) and when ``GLIBC_TUNABLES`` already
-names the tunable: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` turns it off.
+and maps them 4 KiB page by page. On a full pi0 merge the kernel's share of the main and XLA threads, mostly those
+page faults, took 19 of its 88 CPU seconds. Restarted with glibc's ``glibc.malloc.hugetlb=1`` tunable, malloc asks
+for transparent huge pages (``madvise``), 2 MiB a fault: the merge took 4 s less wall time and 10 s less system
+time. A tunable is read only when a process starts, hence the restart (``execv``: the same process id, arguments and
+environment, plus the tunable). It is skipped where it cannot help (not Linux with glibc 2.35 or later, huge pages
+off or already ``always``) and when ``GLIBC_TUNABLES`` already names the tunable: ``GLIBC_TUNABLES=
+glibc.malloc.hugetlb=0`` turns it off.
 
 ``limit_arenas`` is called once at start, before any thread exists: glibc gives each thread that contends for malloc
 an arena of its own (up to 8 per core), and TensorStore's and XLA's worker threads then keep freed chunk buffers in
