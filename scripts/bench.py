@@ -268,8 +268,12 @@ def _table(rows: list[dict], in_memory_gb: float) -> str:
             f"{row['read_gb']:.2f} | {row['written_gb']:.2f} | "
             f"{row['gb_per_s']:.2f} | {row['wall_s'] / cp:.2f} | {row['wall_s'] / orbax:.2f} |"
         )
-    lines += ["", "CPU seconds by thread kind (sampled from /proc every 0.2 s; threads that ended between samples "
-              "are undercounted):", ""]
+    lines += [
+        "",
+        "CPU seconds by thread kind (sampled from /proc every 0.2 s; threads that ended between samples "
+        "are undercounted):",
+        "",
+    ]
     for row in rows:
         kinds = ", ".join(f"{kind} {seconds:.0f}" for kind, seconds in row["cpu_s_by_thread"].items() if seconds >= 1)
         lines.append(f"- {row['approach']}: {kinds}")
