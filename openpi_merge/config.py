@@ -161,7 +161,7 @@ class Settings:
     report: str
     experts: dict[str, ExpertSettings]  # Keyed by module-name suffix: "" for PaliGemma, "_1" for the action expert.
     mesh: MeshSpec  # Empty: JAX's default device alone.
-    memory_budget_bytes: int | None  # None: auto (``stream.auto_budget``); 0: no limit.
+    memory_budget_bytes: int | None  # None: auto (``memory.auto_budget``); 0: no limit.
     distributed: DistributedSettings | None  # None: a single process.
     train_config: str | None = None  # The openpi TrainConfig the settings came from, if any.
     train_config_source: str | None = None  # "command line" or "input path".

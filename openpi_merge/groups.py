@@ -76,8 +76,8 @@ class _Pending:
 class _GroupWriter(slices.WriteOnlyArrayHandler):
     """Writes ``_Pending`` leaves group by group through Orbax's ``ArrayHandler``; see the module docstring."""
 
-    def __init__(self, produce: Callable[[int], dict[plan.Path, jax.Array]], written: Callable[[int], None]):
-        self._produce, self._written = produce, written
+    def __init__(self, produce: Callable[[int], dict[plan.Path, jax.Array]]):
+        self._produce = produce
 
     async def serialize(self, values: Sequence[_Pending], infos, args=None):
         args = args or [ocp.SaveArgs()] * len(values)
@@ -93,7 +93,6 @@ class _GroupWriter(slices.WriteOnlyArrayHandler):
             )
             for committed in futures:
                 await asyncio.to_thread(committed.result)
-            await asyncio.to_thread(self._written, group)
         return []
 
 
@@ -103,11 +102,10 @@ def save(
     produce: Callable[[plan.Plan], dict[plan.Path, jax.Array]],
     *,
     value_suffix: bool,
-    written: Callable[[plan.Plan], None] = lambda group: None,
 ) -> None:
-    """Writes the merged tree to ``params_dir``, calling ``produce(group)`` for its arrays only when Orbax writes it,
-    and ``written(group)`` once they are written (before the next group is produced)."""
+    """Writes the merged tree to ``params_dir``, calling ``produce(group)`` for its arrays only when Orbax writes it;
+    a group's arrays are committed before the next group is produced."""
     pending = {leaf.path: _Pending(leaf.path, i) for i, group in enumerate(groups) for leaf in group.leaves_out}
-    writer = _GroupWriter(lambda i: produce(groups[i]), lambda i: written(groups[i]))
+    writer = _GroupWriter(lambda i: produce(groups[i]))
     registry = ocp.type_handlers.create_type_handler_registry((_Pending, writer))
     checkpoint.save(params_dir, pending, value_suffix=value_suffix, type_handler_registry=registry)

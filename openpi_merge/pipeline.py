@@ -6,10 +6,12 @@
 Nothing reads an array before the plan is made, the paths are checked and the output is claimed (``commit``), so
 every mistake of input, config or environment that can be seen early ends the run before its expensive part.
 
-Arrays are produced (restored, fused, verified) by ``merged_arrays`` for one group of the plan at a time: the whole
-plan by default, or, under a memory budget, the groups ``stream`` makes, each produced when Orbax's save reaches it
-(``stream.save``). ``stop`` is called at every step boundary: it raises InterruptError when a signal arrived, so an
-interrupted run stops where no Orbax write is in flight, and ``commit.staged`` removes what it had written.
+A single process streams the output a slice at a time (``stream``, ``slices``) and digests it as it writes. Several
+processes produce arrays (restore, fuse, verify) with ``merged_arrays``: the whole plan at once, or, under a memory
+budget, the groups ``groups`` makes, each produced when Orbax's save reaches it (``groups.save``); process 0 digests
+what they wrote afterwards (``_digest_written``). ``stop`` is called at every step boundary: it raises
+InterruptError when a signal arrived, so an interrupted run stops where no Orbax write is in flight, and
+``commit.staged`` removes what it had written.
 """
 
 import contextlib
@@ -45,7 +47,12 @@ from openpi_merge import (
 )
 
 Stop = Callable[[], None]
-_CHECK_BUDGET_BYTES = 10**9  # Arrays read at a time by mode=check without a memory budget.
+_CHECK_BUDGET_BYTES = 10**9  # Arrays read back at a time (mode=check, digests, reload) without a set budget.
+
+
+def _read_back_bytes(settings: config.Settings) -> int:
+    """How much of a written checkpoint is read back at a time: the budget set, else ``_CHECK_BUDGET_BYTES``."""
+    return settings.memory_budget_bytes or _CHECK_BUDGET_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +102,7 @@ def check(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
         return manifest.check(
             source.root,
             sharding.make_layout(settings.mesh),
-            budget_bytes=settings.memory_budget_bytes or _CHECK_BUDGET_BYTES,
+            budget_bytes=_read_back_bytes(settings),
             stop=stop,
         )
 
@@ -114,7 +121,7 @@ class _Context:
 
 
 def merged_arrays(ctx: _Context, group: plan.Plan, *, again: bool = False) -> fuse.Params:
-    """Restores ``group``'s leaves, fuses and verifies its pairs, and (first pass) starts their digests.
+    """Restores ``group``'s leaves, fuses and verifies its pairs, and (first pass) records their checks.
 
     ``again``: the reload check's second pass, by the same compiled steps, without verification or progress.
     """
@@ -150,7 +157,7 @@ def _digest_written(ctx: _Context, params_dir: storage.AnyPath) -> None:
     if not distributed.is_primary():
         return
     ctx.stop()
-    budget = ctx.settings.memory_budget_bytes or _CHECK_BUDGET_BYTES
+    budget = _read_back_bytes(ctx.settings)
     committed = "0" if storage.is_remote(params_dir) else "1"  # A bucket's save restores by its handler until then.
     command = [sys.executable, "-m", "openpi_merge.manifest", str(params_dir), str(budget), committed]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -292,7 +299,7 @@ def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
                     raise
                 if settings.verify_reload and written is None:
                     with stopwatch.phase("reload"):
-                        manifest.check_written(params_dir, entries, budget_bytes=_CHECK_BUDGET_BYTES, stop=stop)
+                        manifest.check_written(params_dir, entries, budget_bytes=_read_back_bytes(settings), stop=stop)
                 elif settings.verify_reload:
                     with stopwatch.phase("reload"):
                         checkpoint.check_written(

@@ -6,8 +6,8 @@ action_expert_variant="gemma_300m_lora")`` (``pi0``), the same with ``pi05=True`
 LoRA fine-tune stores: leaves frozen by openpi's LoRA freeze filter (every ``PaliGemma/llm`` leaf that is not a LoRA
 leaf) are bfloat16, everything else (LoRA leaves, SigLIP, projections) float32.
 
-``scale="full"`` gives openpi's real dimensions (about 3.3 B parameters); ``scale="small"`` a few hundred MB;
-dimensions, for unit tests.
+``scale="full"`` gives openpi's real dimensions (about 3.3 B parameters); ``scale="small"`` the same tree at a few
+hundred MB, for tests of memory use; ``scale="tiny"`` the same tree with small dimensions, for unit tests.
 
 Values are random and non-zero (no leaf is left at openpi's zero init), drawn from generators seeded by
 ``(seed, crc32(path), chunk)`` so that a leaf gets the same values whatever else the tree holds; every layer along
