@@ -8,14 +8,25 @@ Reads the Orbax checkpoint, pairs every kernel with its LoRA factors, fuses ``W 
 itself is ``pipeline``'s; this module owns the command line, signals and exit codes.
 """
 
-import pathlib
 import sys
 
-from openpi_merge import memory, signals
+from openpi_merge import signals
+
+signals.install()  # First of all: a Ctrl-C during start-up ends the run with one line too (see signals).
+
+import os
+import pathlib
+
+from openpi_merge import memory
+
+for _name in ("stdout", "stderr"):  # Started with a stream closed (2>&-): write to nothing rather than fail.
+    if getattr(sys, _name) is None:
+        setattr(sys, _name, open(os.devnull, "w"))  # noqa: SIM115 (open for the life of the process)
 
 if __name__ == "__main__" or pathlib.Path(sys.argv[0]).name == "openpi-merge":  # The program, not an import of it.
-    memory.restart_with_huge_pages()  # First of all: it restarts the process (see memory).
-signals.install()  # Before the heavy imports below: a Ctrl-C during start-up ends the run with one line too.
+    with signals.held():  # A signal during the restart stays pending for the restarted program (see signals).
+        if not signals.received():
+            memory.restart_with_huge_pages()  # Restarts the process in place (see memory), or returns.
 memory.limit_arenas()  # Before TensorStore and XLA start their threads.
 
 import contextlib
@@ -29,7 +40,7 @@ import tempfile
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from openpi_merge import compile_cache, config, distributed, errors, openpi_layout, pipeline, report
+from openpi_merge import __version__, compile_cache, config, distributed, errors, openpi_layout, pipeline, report
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Merge config: a shipped name (pi0_lora) or a file path.")
 # `--config.input=example:<model>` merges a tiny synthetic checkpoint of that model, written next to the output.
@@ -166,7 +177,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if any(arg in _HELP_FLAGS for arg in argv[1:]):
         print(usage())
         sys.exit(0)
+    if "--version" in argv[1:]:
+        print(f"openpi-merge {__version__}")
+        sys.exit(0)
     argv = list(argv)
+    if not any(arg.startswith("--config=") for arg in argv[1:]):
+        if "--config.mode=check" in argv[1:]:  # check reads no model field: any shipped config serves.
+            argv.insert(1, f"--config={openpi_layout.MODEL_CONFIGS[openpi_layout.MODELS[0]]}")
+        elif any(arg.startswith("--config.") for arg in argv[1:]):
+            _fail(errors.ConfigError(f"no config given: pass --config=NAME ({', '.join(_SHIPPED)}) or a config file"))
     try:
         for i, arg in enumerate(argv):
             if arg.startswith("--config="):
@@ -214,7 +233,13 @@ def main(argv: list[str]) -> None:
         # Orbax logs every step at INFO, and a failed background write (a full disk, a bucket gone mid-save) with its
         # traceback at ERROR before it re-raises it, which the one-line error then reports. --verbosity=0 shows all.
         logging.set_verbosity(logging.FATAL)
-    outcome, error, text = report.Outcome(), None, None
+    outcome, error, text = report.Outcome(config=_CONFIG.value.to_dict()), None, None
+    cfg = _CONFIG.value
+    try:
+        pipeline.check_report_path(cfg.report, input_path=cfg.input, output=cfg.output if cfg.mode == "merge" else "")
+    except errors.MergeError as e:  # No report is written where it would land.
+        signals.hold()
+        _fail(e)
     try:
         settings = config.read_settings(_CONFIG.value)  # Inside the try: a config error gets a report too.
         distributed.initialize(settings.distributed)
@@ -226,7 +251,7 @@ def main(argv: list[str]) -> None:
         error = errors.InterruptError(signal.SIGINT, "interrupted by SIGINT: nothing was committed")
     if text and distributed.is_primary():
         print(text)
-    if _CONFIG.value.report and distributed.is_primary():
+    if _CONFIG.value.report and distributed.is_primary() and not outcome.report_written:
         exit_code = error.exit_code if error else 0
         try:
             report.write(
@@ -234,6 +259,7 @@ def main(argv: list[str]) -> None:
             )
         except errors.MergeError as e:
             error = error or e
+    signals.hold()  # From here the run's outcome is decided: a late signal must not kill the shutdown (see signals).
     if error:
         _fail(error)
 

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from openpi_merge import errors, objectstore_commit, plan, sharding, storage
-from openpi_merge.openpi_layout import PARAMS_KEY, VALUE_SUFFIX
+from openpi_merge.openpi_layout import ASSETS_DIR, PARAMS_KEY, VALUE_SUFFIX
 
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 # An Orbax save that did not finish: orbax-checkpoint 0.11.x names it <name>.orbax-checkpoint-tmp-<N>, 0.12 and later
@@ -74,7 +74,8 @@ def locate_input(path: str, *, role: str = "input") -> Source:
         raise errors.InputError(f"cannot read {role} {root}: {storage.reason(e)}") from e
     if not finished:
         raise errors.InputError(
-            f"{role} {source.params_dir} is an unfinished save (no {storage.COMMIT_FILE}): pick a finished step"
+            f"{role} {source.params_dir} is an unfinished save (no {storage.COMMIT_FILE}, and no commit time in its "
+            "Orbax metadata): pick a finished step, or upload the whole step dir again"
         )
     return source
 
@@ -86,7 +87,7 @@ def _locate(root: storage.AnyPath, role: str) -> Source:
     if not root.is_dir():
         raise errors.InputError(f"{role} {root} is not a directory: pass a training step dir or an Orbax params dir")
     if (root / PARAMS_KEY).is_dir():
-        assets = root / "assets"
+        assets = root / ASSETS_DIR
         return Source(root=root, params_dir=root / PARAMS_KEY, assets_dir=assets if assets.is_dir() else None)
     for child in root.iterdir():
         if child.name.startswith(PARAMS_KEY):
@@ -204,13 +205,15 @@ def save(
     *,
     value_suffix: bool,
     type_handler_registry: ocp.type_handlers.TypeHandlerRegistry | None = None,
+    options: dict | None = None,
 ) -> None:
     """Writes ``params`` as openpi does: one top-level ``params`` key, with the input's ``value`` convention.
 
-    Leaves are jax.Arrays, or any type ``type_handler_registry`` has a handler for (see ``stream``).
+    Leaves are jax.Arrays, or any type ``type_handler_registry`` has a handler for (see ``writer``); ``options``:
+    extra ``ocp.Checkpointer`` arguments (the committer's ``save_options``).
     """
-    options = {} if type_handler_registry is None else {"type_handler_registry": type_handler_registry}
-    with _checkpointer(storage.checkpointer_options(params_dir), **options) as checkpointer:
+    handler_options = {} if type_handler_registry is None else {"type_handler_registry": type_handler_registry}
+    with _checkpointer(options, **handler_options) as checkpointer:
         checkpointer.save(params_dir, args=ocp.args.PyTreeSave(_nested(params, value_suffix)))
 
 
@@ -229,42 +232,49 @@ def check_written(
     *,
     value_suffix: bool,
     layout: sharding.Layout,
+    committed: bool,
 ) -> None:
     """Re-reads a written checkpoint; raises NumericsError unless it holds exactly ``leaves``, bit-identical to
-    ``merged`` (the written arrays, a dict at a time: the whole tree, or one streamed group after another)."""
+    ``merged`` (the written arrays, a dict at a time: one group after another). ``committed``: whether Orbax's
+    Checkpointer may read it (see ``restore``)."""
     contents = read_contents(params_dir)
     if contents.value_suffix != value_suffix or contents.leaves != {leaf.path: leaf for leaf in leaves}:
         raise errors.NumericsError(f"{params_dir} does not hold the tree that was written")
-    committed = not storage.is_remote(params_dir)
     for params in merged:
         for path, array in restore(params_dir, contents, layout, paths=params, committed=committed).items():
             if not _same_bits(array, params[path]):
                 raise errors.NumericsError(f"{params_dir}: {'/'.join(path)} reads back different from what was written")
 
 
-def copy_assets(source: Source, step_dir: storage.AnyPath) -> None:
-    """Copies ``assets/`` (norm stats that serving needs) byte for byte: regular files and dirs only.
+def copy_assets(source: Source, step_dir: storage.AnyPath) -> list[str]:
+    """Copies ``assets/`` (norm stats that serving needs) byte for byte, regular files and dirs only; returns the
+    asset ids carried (the dirs in it, as ``assets/<asset_id>/`` names them), [] for an input without ``assets/``.
 
     Raises InputError for a symlink or special file inside it: a link could point anywhere on the machine (a file,
     a whole repo), and the merge reads nothing outside its input.
     """
     if source.assets_dir is None:
-        return
+        return []
     if storage.is_remote(source.assets_dir) or storage.is_remote(step_dir):  # Object storage has no links.
-        storage.copy_tree(source.assets_dir, step_dir / "assets")
-        return
-    for dirpath, dirnames, filenames in os.walk(source.assets_dir):
+        storage.copy_tree(source.assets_dir, step_dir / ASSETS_DIR)
+        return sorted({name.split("/")[0] for name in storage.files(source.assets_dir) if "/" in name})
+    refuse_links(source.assets_dir, "assets/ must hold regular files only")
+    shutil.copytree(source.assets_dir, step_dir / ASSETS_DIR, symlinks=True)
+    return sorted(p.name for p in source.assets_dir.iterdir() if p.is_dir())
+
+
+def refuse_links(root: pathlib.Path, rule: str) -> None:
+    """Raises InputError naming the first symbolic link or special file under ``root`` (``rule`` says why not)."""
+    for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = pathlib.Path(dirpath, name)
             mode = path.lstat().st_mode
             if stat.S_ISLNK(mode):
                 raise errors.InputError(
-                    f"{path} is a symbolic link: assets/ must hold regular files only; replace the link by a copy "
-                    "of what it points to"
+                    f"{path} is a symbolic link: {rule}; replace the link by a copy of what it points to"
                 )
             if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise errors.InputError(f"{path} is not a regular file: assets/ must hold regular files only")
-    shutil.copytree(source.assets_dir, step_dir / "assets", symlinks=True)
+                raise errors.InputError(f"{path} is not a regular file: {rule}")
 
 
 def resolve_output(output: str, source: Source) -> storage.AnyPath:

@@ -9,7 +9,7 @@ Names, for an output ``P/T``; all hidden and beside ``T``, so every rename stays
   passes for a finished checkpoint; once its run has ended it is garbage.
 * ``P/.T.openpi-merge-previous``: the old output while a two-rename swap has it out of the way (fallback swap only).
 
-States of one run R for output T (``claim``, then ``staged``, then the commit inside ``staged``):
+States of one run R for output T (``claim``, then ``Claim.stage``, then ``Claim.commit``):
 
 1. Claim. R takes the lock without waiting; if another live run holds it, R stops with OutputError (exit 6) naming
    that run, having touched nothing. Under the lock R repairs what a killed run left: ``previous`` without a T is
@@ -45,14 +45,18 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import hashlib
 import os
 import pathlib
+import re
 import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
-from openpi_merge import errors
+from openpi_merge import errors, objectstore_commit, storage
+from openpi_merge.openpi_layout import MANIFEST_FILE, PARAMS_KEY, PROVENANCE_FILE
 
 _LOCK = ".openpi-merge.lock"
 _STAGING = ".openpi-merge-staging-"
@@ -92,8 +96,52 @@ def test_point(point: str) -> None:
             time.sleep(0.02)
 
 
+_NAME_MAX = 255  # Bytes in one path component on Linux filesystems.
+_TOKEN = re.compile(r"[0-9a-f]{8}")  # distributed.shared_token()
+
+
+def hidden_stem(target: pathlib.Path) -> str:
+    """``.<name>`` for the hidden names beside ``target``; a name too long to take a suffix is cut and tagged with a
+    hash of the whole name, so every name stays within a path component's 255 bytes and stays unique to ``target``."""
+    room = _NAME_MAX - max(len(suffix) for suffix in (_LOCK, _PREVIOUS, _STAGING + "0" * 8, _LEGACY_STAGING))
+    encoded = os.fsencode(target.name)
+    if 1 + len(encoded) <= room:
+        return f".{target.name}"
+    tag = hashlib.sha256(encoded).hexdigest()[:8]
+    return "." + os.fsdecode(encoded[: room - 10]).encode("utf-8", "ignore").decode() + "~" + tag
+
+
 def _hidden(target: pathlib.Path, suffix: str) -> pathlib.Path:
-    return target.parent / f".{target.name}{suffix}"
+    return target.parent / f"{hidden_stem(target)}{suffix}"
+
+
+def hidden_names(target: pathlib.Path) -> tuple[str, ...]:
+    """The names this protocol may give entries beside ``target`` (the staging ones as prefixes)."""
+    stem = hidden_stem(target)
+    return tuple(stem + suffix for suffix in (_LOCK, _PREVIOUS, _STAGING, _LEGACY_STAGING))
+
+
+def _stale_staging(target: pathlib.Path) -> list[pathlib.Path]:
+    """The staging dirs of ``target``'s earlier runs, matched literally: a name is never a glob pattern (an output
+    named ``ckpt[1]`` must not match ``ckpt1``'s), and only ``<stem><staging suffix><token>`` counts."""
+    stem = hidden_stem(target)
+    stale = []
+    for entry in target.parent.iterdir():
+        for suffix in (_STAGING, _LEGACY_STAGING):
+            rest = entry.name.removeprefix(stem + suffix)
+            if rest != entry.name and (_TOKEN.fullmatch(rest) or suffix == _LEGACY_STAGING):
+                stale.append(entry)
+    return stale
+
+
+def _remove_stale(path: pathlib.Path) -> str | None:
+    """Removes a dir that a killed or finished run left; returns what could not be removed (nothing depends on it)."""
+    failed: list[tuple[str, BaseException]] = []
+    shutil.rmtree(path, onerror=lambda _, name, info: failed.append((name, info[1])))  # onexc: Python 3.12 and later
+    if not failed:
+        return None
+    name, error = failed[0]
+    return f"could not remove {path} ({name}: {getattr(error, 'strerror', None) or error}): remove it by hand"
 
 
 def fsync_dir(path: pathlib.Path) -> None:
@@ -152,12 +200,24 @@ def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
 
 @dataclasses.dataclass
 class Claim:
-    """A run's exclusive hold on one output; see the module docstring for the states it moves through."""
+    """A run's exclusive hold on one output: the local committer (``committer``'s interface), moved through the
+    module docstring's states by ``claim`` (1, 5), ``stage`` (2) and ``commit`` (3, 4)."""
 
     target: pathlib.Path
     overwrite: bool
-    notes: list[str]  # What the claim repaired, for the summary.
+    notes: list[str]  # What the claim repaired and the commit left, for the summary.
     _fd: int | None  # The locked lock file; None in processes other than the one that commits.
+    barrier: Callable[[str], None] = lambda name: None
+    staging: pathlib.Path | None = None  # Set by stage().
+    committed: bool = False
+    # The staged params dir is a finished Orbax save (Orbax renamed its own tmp dir inside the staging dir), so
+    # Orbax's Checkpointer restores it before the commit.
+    staged_readable_by_orbax: bool = True
+    save_options: dict = dataclasses.field(default_factory=dict)  # Extra ocp.Checkpointer arguments: none here.
+
+    @property
+    def primary(self) -> bool:
+        return self._fd is not None
 
     @property
     def lock_path(self) -> pathlib.Path:
@@ -170,6 +230,46 @@ class Claim:
         if self.target.exists() and not self.overwrite:
             raise errors.OutputError(f"output {self.target} already exists: remove it or pass --config.overwrite=True")
 
+    def stage(self, token: str) -> pathlib.Path:
+        """State 2: makes the staging dir (process 0) and returns it once every process may write into it.
+
+        Raises EnvironmentFaultError if the filesystem refuses.
+        """
+        staging = self.staging_path(token)
+        if self.primary:
+            try:
+                staging.mkdir()
+            except OSError as e:
+                raise errors.os_fault(e, staging.parent, "cannot create a staging dir in") from e
+        self.staging = staging
+        self.barrier("staging-ready")
+        test_point("staging-ready")
+        return staging
+
+    def commit(self, stop: Callable[[], None] = lambda: None) -> None:
+        """States 3 and 4, once every process has written: ``stop`` is called last before the commit, so an
+        interrupt that it raises commits nothing. Raises OutputError for an output that appeared meanwhile,
+        EnvironmentFaultError if the filesystem refuses."""
+        assert self.staging is not None, "stage() first"
+        stop()
+        self.barrier("staging-written")
+        if self.primary:
+            test_point("before-commit")
+            stop()
+            try:
+                fsync_tree(self.staging)
+            except OSError as e:
+                raise errors.os_fault(e, self.staging, "cannot flush") from e
+            self.refuse_existing()
+            if note := _commit(self.staging, self.target):
+                self.notes.append(note)
+        self.committed = True
+        self.barrier("committed")
+
+    def write_fault(self, error: BaseException) -> errors.MergeError | None:
+        """A failure while writing the staged step, as an environment fault naming the output's dir, if it is one."""
+        return errors.environment_fault(error, self.target.parent, "cannot write the output in")
+
 
 def _holder(lock_path: pathlib.Path) -> str:
     try:
@@ -179,8 +279,9 @@ def _holder(lock_path: pathlib.Path) -> str:
     return f"another openpi-merge run ({text})" if text else "another openpi-merge run"
 
 
-def _lock(lock_path: pathlib.Path) -> int:
-    """Opens and locks ``lock_path``; raises OutputError if a live run holds it."""
+def _lock(target: pathlib.Path) -> int:
+    """Opens and locks ``target``'s lock file; raises OutputError if a live run holds it."""
+    lock_path = _hidden(target, _LOCK)
     import fcntl  # POSIX only; imported here so the rest of the package still imports elsewhere.
 
     while True:
@@ -189,7 +290,6 @@ def _lock(lock_path: pathlib.Path) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            target = lock_path.parent / lock_path.name.removeprefix(".").removesuffix(_LOCK)
             raise errors.OutputError(
                 f"output {target} is being written by {_holder(lock_path)}: wait for it to finish or choose "
                 "another output"
@@ -215,15 +315,42 @@ def _repair(target: pathlib.Path) -> list[str]:
     previous = _hidden(target, _PREVIOUS)
     if previous.exists():
         if target.exists():
-            shutil.rmtree(previous)
+            notes.append(_remove_stale(previous))
         else:
             os.replace(previous, target)
             fsync_dir(target.parent)
             notes.append(f"restored {target} from {previous.name}, left by a run killed while committing")
-    for pattern in (_STAGING, _LEGACY_STAGING):
-        for stale in target.parent.glob(f".{target.name}{pattern}*"):
-            shutil.rmtree(stale)
-    return notes
+    notes += [_remove_stale(stale) for stale in _stale_staging(target)]  # No live run owns one: we hold the lock.
+    return [note for note in notes if note]
+
+
+def _is_checkpoint(path: pathlib.Path) -> bool:
+    """Whether ``path`` is a step dir that ``overwrite`` may replace: an openpi step (``params/``) or ours."""
+    return (path / PARAMS_KEY).is_dir() or any((path / name).is_file() for name in (PROVENANCE_FILE, MANIFEST_FILE))
+
+
+def _refuse_unusable(target: pathlib.Path, overwrite: bool) -> None:
+    """Raises OutputError when ``target`` cannot be written or replaced: a non-directory above it; anything at it
+    without ``overwrite``; a non-directory or a directory that is no checkpoint at it (``overwrite`` replaces
+    checkpoints only)."""
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise errors.OutputError(
+                    f"output {target} lies under {parent}, which is a file, not a directory: choose another output"
+                )
+            break
+    if not target.exists():
+        return
+    if not overwrite:
+        raise errors.OutputError(f"output {target} already exists: remove it or pass --config.overwrite=True")
+    if not target.is_dir():
+        raise errors.OutputError(f"output {target} exists and is not a directory: remove it or write elsewhere")
+    if not _is_checkpoint(target):
+        raise errors.OutputError(
+            f"output {target} is a directory that holds no checkpoint (no params/ dir, no openpi-merge files): "
+            "overwrite replaces checkpoints only; choose another output or remove it yourself"
+        )
 
 
 def _check_space(target: pathlib.Path, needed_bytes: int) -> None:
@@ -237,27 +364,34 @@ def _check_space(target: pathlib.Path, needed_bytes: int) -> None:
 
 
 @contextlib.contextmanager
-def claim(target: pathlib.Path, *, overwrite: bool, needed_bytes: int, primary: bool = True) -> Iterator[Claim]:
-    """Holds the output's lock for the block (module docstring, states 1 and 5). ``primary``: this process commits;
-    other processes of a multi-process job get a Claim without a lock, for the staging dir's name."""
+def claim(
+    target: pathlib.Path,
+    *,
+    overwrite: bool,
+    needed_bytes: int,
+    primary: bool = True,
+    barrier: Callable[[str], None] = lambda name: None,
+) -> Iterator[Claim]:
+    """Holds the output's lock for the block (module docstring, states 1 and 5); a staging dir that the block made
+    and did not commit is removed when it ends. ``primary``: this process commits; other processes of a
+    multi-process job get a Claim without a lock, for the staging dir's name; ``barrier`` waits for all of them."""
     if not primary:
-        yield Claim(target, overwrite, [], None)
+        yield Claim(target, overwrite, [], None, barrier)
         return
+    _refuse_unusable(target, overwrite)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd = _lock(_hidden(target, _LOCK))
+        fd = _lock(target)
     except OSError as e:
         raise errors.os_fault(e, target.parent, "cannot write in the output's directory") from e
-    held = Claim(target, overwrite, [], fd)
+    held = Claim(target, overwrite, [], fd, barrier)
     try:
         try:
             _write_holder(fd)
             held.notes += _repair(target)
         except OSError as e:
             raise errors.os_fault(e, target.parent, "cannot prepare the output beside") from e
-        held.refuse_existing()
-        if target.exists() and not target.is_dir():
-            raise errors.OutputError(f"output {target} exists and is not a directory: remove it or write elsewhere")
+        _refuse_unusable(target, overwrite)
         if target.exists() and os.path.ismount(target):  # Renaming a mount point fails with EBUSY at the commit.
             raise errors.EnvironmentFaultError(
                 f"output {target} is a mount point and cannot be replaced: write into a directory inside it instead"
@@ -265,66 +399,26 @@ def claim(target: pathlib.Path, *, overwrite: bool, needed_bytes: int, primary: 
         _check_space(target, needed_bytes)
         yield held
     finally:
+        if held.staging is not None and not held.committed:
+            remove_settled(held.staging)
         with contextlib.suppress(OSError):
             os.unlink(held.lock_path)
         os.close(fd)
 
 
-@contextlib.contextmanager
-def staged(
-    held: Claim,
-    token: str,
-    *,
-    barrier: Callable[[str], None] = lambda name: None,
-    stop: Callable[[], None] = lambda: None,
-) -> Iterator[pathlib.Path]:
-    """Yields the staging dir (state 2); seals and commits it if the block completes (states 3 and 4), removes it
-    if not. ``stop`` is called last before the commit: an interrupt that it raises commits nothing. In a
-    multi-process job every process writes into it; ``barrier`` waits for all of them, and only the process that
-    holds the lock makes, commits or removes it."""
-    primary = held._fd is not None
-    staging = held.staging_path(token)
-    if primary:
-        try:
-            staging.mkdir()
-        except OSError as e:
-            raise errors.os_fault(e, staging.parent, "cannot create a staging dir in") from e
-    barrier("staging-ready")
-    committed = False
-    try:
-        test_point("staging-ready")
-        yield staging
-        stop()
-        barrier("staging-written")
-        if primary:
-            test_point("before-commit")
-            stop()
-            try:
-                fsync_tree(staging)
-            except OSError as e:
-                raise errors.os_fault(e, staging, "cannot flush") from e
-            held.refuse_existing()
-            _commit(staging, held.target)
-        committed = True
-        barrier("committed")
-    finally:
-        if primary and not committed:
-            remove_settled(staging)
-
-
-def _commit(staging: pathlib.Path, target: pathlib.Path) -> None:
-    """State 4 of the module docstring; raises EnvironmentFaultError if the filesystem refuses a rename."""
+def _commit(staging: pathlib.Path, target: pathlib.Path) -> str | None:
+    """State 4 of the module docstring; returns a note if the old output could not be removed. Raises
+    EnvironmentFaultError if the filesystem refuses a rename."""
     parent = target.parent
     try:
         if not target.exists():
             os.rename(staging, target)
             fsync_dir(parent)
-            return
+            return None
         if _exchange(staging, target):
             fsync_dir(parent)
             test_point("after-exchange")
-            shutil.rmtree(staging, ignore_errors=True)  # Now the old output; the next claim removes what is left.
-            return
+            return _remove_stale(staging)  # Now the old output; the next claim retries what is left.
         previous = _hidden(target, _PREVIOUS)
         os.rename(target, previous)
         fsync_dir(parent)
@@ -335,6 +429,32 @@ def _commit(staging: pathlib.Path, target: pathlib.Path) -> None:
             os.rename(previous, target)  # Put the old output back before reporting.
             raise
         fsync_dir(parent)
-        shutil.rmtree(previous, ignore_errors=True)
+        return _remove_stale(previous)
     except OSError as e:
         raise errors.os_fault(e, target, "cannot replace output") from e
+
+
+class Committer(Protocol):
+    """What the merge needs of an output's commit protocol, local (``Claim``) or on object storage
+    (``objectstore_commit.Claim``); ``claim_output`` picks one for the target, once."""
+
+    target: storage.AnyPath
+    notes: list[str]  # Repairs and leftovers worth telling the user.
+    staged_readable_by_orbax: bool  # Whether Orbax's Checkpointer restores the staged params before the commit.
+    save_options: dict  # Extra ``ocp.Checkpointer`` arguments for the save into the staged params dir.
+
+    def stage(self, token: str) -> storage.AnyPath: ...
+
+    def commit(self, stop: Callable[[], None] = ...) -> None: ...
+
+    def write_fault(self, error: BaseException) -> errors.MergeError | None: ...
+
+
+def claim_output(
+    target: storage.AnyPath, *, overwrite: bool, needed_bytes: int, primary: bool, barrier: Callable[[str], None]
+) -> contextlib.AbstractContextManager[Committer]:
+    """The output's committer, held for the block: this module's protocol for a local dir, ``objectstore_commit``'s
+    for a bucket prefix. Raises OutputError or EnvironmentFaultError as those do."""
+    if storage.is_remote(target):
+        return objectstore_commit.claim(target, overwrite=overwrite, primary=primary)
+    return claim(target, overwrite=overwrite, needed_bytes=needed_bytes, primary=primary, barrier=barrier)

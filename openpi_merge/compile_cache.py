@@ -14,7 +14,6 @@ Contract of ``enable(setting)``, called once per process before anything is comp
 - A cached program is the same executable XLA would compile, so outputs are bit-identical with and without the cache.
 """
 
-import dataclasses
 import os
 import pathlib
 import sys
@@ -26,14 +25,6 @@ import jaxlib
 OFF = "none"
 # The first jaxlib whose executables loaded from the cache honour donation of host-backed inputs (see below).
 FIRST_SAFE_JAXLIB = (0, 6, 0)
-
-
-@dataclasses.dataclass(frozen=True)
-class State:
-    """Where programs are cached (None: not cached) and why."""
-
-    directory: pathlib.Path | None
-    reason: str
 
 
 def default_dir() -> pathlib.Path:
@@ -86,26 +77,25 @@ def _switch_off() -> None:
     jax.config.update("jax_enable_compilation_cache", False)
 
 
-def enable(setting: str) -> State:
+def enable(setting: str) -> None:
     """Switches JAX's persistent compilation cache on or off for this process as ``setting`` and the gate say."""
     directory = _resolve(setting)
     if directory is None:
         _switch_off()
-        return State(None, f"compilation_cache={OFF}")
+        return
     if not donation_survives():
         # Also overrides a user's JAX_COMPILATION_CACHE_DIR: with it this jaxlib corrupts donated fuse outputs.
         _switch_off()
-        return State(None, f"jaxlib {jaxlib.version.__version__} loses buffer donation in cached executables")
+        return
     error = _writable(directory)
     if error is not None:
         _switch_off()
         reason = f"{directory} is not writable ({error.strerror or error}): compiling afresh"
         print(f"openpi-merge: compilation cache off: {reason}", file=sys.stderr)
-        return State(None, reason)
+        return
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     # By default JAX caches only programs that took over a second to compile (most of ours take less), and a backend
     # may raise the minimum entry size (0 lets it); -1 caches entries of any size.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    return State(directory, "on")

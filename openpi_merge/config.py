@@ -282,12 +282,14 @@ def read_settings(config: ml_collections.ConfigDict, *, openpi: openpi_config.Op
 
     ``openpi``: True imports openpi if it can (``openpi_config.load``); None resolves without it (the stock table).
     """
-    if openpi is True:
-        openpi = openpi_config.load()
-    if config.model not in openpi_layout.MODEL_EXPERTS:
-        raise errors.ConfigError(f"model={config.model!r} is not one of {', '.join(openpi_layout.MODEL_EXPERTS)}")
     if config.mode not in MODES:
         raise errors.ConfigError(f"mode={config.mode!r} is not one of {', '.join(MODES)}")
+    for field in _PATH_FIELDS:
+        _refuse_undecodable(field, config[field])
+    if openpi is True:
+        openpi = None if config.mode == "check" else openpi_config.load()  # check reads no LoRA setting.
+    if config.model not in openpi_layout.MODEL_EXPERTS:
+        raise errors.ConfigError(f"model={config.model!r} is not one of {', '.join(openpi_layout.MODEL_EXPERTS)}")
     for field in ("input", "output") if config.mode == "merge" else ("input",):
         if not config[field]:
             raise errors.ConfigError(f"no {field} given: pass --config.{field}=PATH")
@@ -328,6 +330,21 @@ def read_settings(config: ml_collections.ConfigDict, *, openpi: openpi_config.Op
     )
 
 
+_PATH_FIELDS = ("input", "output", "reference", "report")
+
+
+def _refuse_undecodable(field: str, value: str) -> None:
+    """A path given in bytes that are not UTF-8 (Python keeps them as surrogates) cannot reach TensorStore, which
+    takes UTF-8 strings, nor be printed in a summary: refused here in one line, the bytes shown escaped."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.ConfigError(
+            f"{field}={value!a} is not valid UTF-8: rename the path (TensorStore, which Orbax writes with, "
+            "takes UTF-8 names only)"
+        ) from None
+
+
 def _memory_budget(value: Any) -> int | None:
     """``memory_budget_gb`` in bytes: None for ``auto``, 0 for ``none`` (or 0)."""
     text = str(value).strip().lower()
@@ -339,9 +356,10 @@ def _memory_budget(value: Any) -> int | None:
         gb = float(text)
     except ValueError:
         gb = math.nan
-    if not 0 <= gb < math.inf:
+    # 0 and anything that rounds to less than a byte would read as "no limit" (0 bytes): refused, not reinterpreted.
+    if not (0 < gb < math.inf and round(gb * 1e9) >= 1):
         raise errors.ConfigError(
-            f"memory_budget_gb={value} must be auto, none, or a positive finite number of GB (e.g. 2)"
+            f"memory_budget_gb={value} must be auto, none, or a positive finite number of GB, at least 1e-9 (e.g. 2)"
         )
     return round(gb * 1e9)
 

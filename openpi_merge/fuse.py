@@ -373,14 +373,6 @@ def fuse_pair(
     return target, fuser.finish()
 
 
-def first_per_pair(checks: list[Check]) -> list[Check]:
-    """One check per pair, the first: a reload check fuses every pair again, and measures the same rounding."""
-    seen: dict[plan.Path, Check] = {}
-    for check in checks:
-        seen.setdefault(check.pair.kernel.path, check)
-    return list(seen.values())
-
-
 def worst_by_kind(checks: list[Check]) -> dict[str, dict[str, dict[str, float]]]:
     """The worst verification result per expert and module kind: ``{expert: {kind: {measure: worst}}}``."""
     worst: dict[str, dict[str, dict[str, float]]] = {}

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from openpi_merge import checkpoint, errors, plan, sharding, storage
+from openpi_merge import checkpoint, errors, openpi_layout, plan, sharding, storage
 
-FILENAME = "openpi_merge_manifest.json"
+FILENAME = openpi_layout.MANIFEST_FILE
 FORMAT = "openpi-merge-manifest/1"
 _CHUNK_BYTES = 64 * 2**20  # Hashed and checked a chunk at a time: the finiteness test needs a bool per element.
 
@@ -146,18 +146,42 @@ def write(step_dir: storage.AnyPath, params: dict[str, dict], *, value_suffix: b
 
 
 def _read(step_dir: storage.AnyPath) -> dict:
+    """The manifest of ``step_dir``, validated; raises InputError for a missing, unreadable or malformed one."""
     path = step_dir / FILENAME
     if not path.is_file():
         raise errors.InputError(
-            f"{step_dir} has no {FILENAME}: only step dirs written by openpi-merge (0.2 or later) can be checked"
+            f"{step_dir} has no {FILENAME}: only step dirs written by openpi-merge carry one and can be checked"
         )
     try:
         document = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise errors.NumericsError(f"{path} is unreadable ({e}): the copy is damaged; copy it again") from e
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested deeper than Python's limit.
+        raise errors.InputError(f"{path} is unreadable ({str(e)[:200]}): the copy is damaged; copy it again") from e
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise errors.InputError(f"{path} is not an openpi-merge manifest of format {FORMAT}")
+    if problem := _malformed(document):
+        raise errors.InputError(f"{path} is not a valid openpi-merge manifest ({problem}): copy it again")
     return document
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _malformed(document: dict) -> str | None:
+    """What is wrong with a manifest's structure, or None: every field the check reads, with its type."""
+    params, assets = document.get("params"), document.get("assets")
+    if not isinstance(params, dict) or not isinstance(assets, dict):
+        return "params and assets must be objects"
+    for name, entry in params.items():
+        if not isinstance(entry, dict) or not _is_sha256(entry.get("sha256")):
+            return f"params[{name!r}] needs a sha256 of 64 hex digits"
+        shape, dtype = entry.get("shape"), entry.get("dtype")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and isinstance(dtype, str)):
+            return f"params[{name!r}] needs a shape (a list of sizes) and a dtype name"
+    for name, entry in assets.items():
+        if not isinstance(entry, dict) or not _is_sha256(entry.get("sha256")) or type(entry.get("bytes")) is not int:
+            return f"assets[{name!r}] needs bytes (an integer) and a sha256 of 64 hex digits"
+    return None
 
 
 def groups(leaves: list[plan.Leaf], budget_bytes: int) -> Iterator[list[plan.Leaf]]:
@@ -184,6 +208,10 @@ def check(
     Reads about ``budget_bytes`` of arrays at a time (a larger leaf alone). Raises NumericsError naming the first
     parameter or asset file that differs, InputError if the dir has no manifest or no readable checkpoint.
     """
+    if not storage.is_remote(step_dir) and step_dir.is_dir():
+        # A copy is checked for what it holds itself: a link could make it read (and vouch for) anything on the
+        # machine, or a file outside the copy that happens to have the right bytes.
+        checkpoint.refuse_links(step_dir, "a checked copy must hold regular files only, nothing outside it is read")
     document = _read(step_dir)
     try:
         return _check(step_dir, document, layout, budget_bytes, stop)
@@ -247,10 +275,16 @@ def _read_digests(
 
 
 def check_written(
-    params_dir: storage.AnyPath, entries: dict[str, dict], *, budget_bytes: int, stop: Callable[[], None]
+    params_dir: storage.AnyPath,
+    entries: dict[str, dict],
+    *,
+    budget_bytes: int,
+    committed: bool,
+    stop: Callable[[], None],
 ) -> None:
     """The reload check of a streamed merge: re-reads the written ``params_dir`` through Orbax and raises
-    NumericsError unless it holds exactly the parameters of ``entries`` with their digests."""
+    NumericsError unless it holds exactly the parameters of ``entries`` with their digests. ``committed``: whether
+    Orbax's Checkpointer may read it (``checkpoint.restore``)."""
     contents = checkpoint.read_contents(params_dir)
     stored = {leaf.name: leaf for leaf in contents.leaves.values()}
     if stored.keys() != entries.keys():
@@ -260,7 +294,7 @@ def check_written(
         contents,
         sharding.single_device(),
         budget_bytes,
-        committed=not storage.is_remote(params_dir),
+        committed=committed,
         finite=False,
         stop=stop,
     ):

@@ -47,47 +47,82 @@ class OpenPI:
     location: str
 
     def train_config(self, name: str) -> TrainSpec | None:
-        """openpi's TrainConfig ``name`` as a TrainSpec; None when openpi has no config of that name."""
+        """openpi's TrainConfig ``name`` as a TrainSpec; None when openpi has no config of that name.
+
+        Raises ConfigError, naming openpi's error, when openpi's code fails or answers something that is no
+        TrainConfig.
+        """
+        call = f"openpi.training.config.get_config({name!r})"
         try:
             train = self.training_config.get_config(name)
         except (ValueError, KeyError):  # openpi raises ValueError("Config '...' not found").
             return None
-        model_type = getattr(train.model, "model_type", None)
-        model = str(getattr(model_type, "value", model_type)).lower()
-        if model not in openpi_layout.MODEL_EXPERTS:
-            raise errors.ConfigError(
-                f"train_config={name!r} is a {model} model; openpi-merge folds LoRA of "
-                f"{', '.join(openpi_layout.MODELS)}"
-            )
-        variants = {
-            field: str(getattr(train.model, _VARIANT_FIELDS[field])) for field in openpi_layout.MODEL_EXPERTS[model]
-        }
+        except Exception as e:  # openpi is user-editable code: any failure of it is one line, not a traceback.
+            raise broken(call, e) from e
+        try:
+            model_type = getattr(train.model, "model_type", None)
+            model = str(getattr(model_type, "value", model_type)).lower()
+            if model not in openpi_layout.MODEL_EXPERTS:
+                raise errors.ConfigError(
+                    f"train_config={name!r} is a {model} model; openpi-merge folds LoRA of "
+                    f"{', '.join(openpi_layout.MODELS)}"
+                )
+            variants = {
+                field: str(getattr(train.model, _VARIANT_FIELDS[field])) for field in openpi_layout.MODEL_EXPERTS[model]
+            }
+        except AttributeError as e:
+            raise broken(call, e, "did not return a TrainConfig with a model") from e
         return TrainSpec(name=name, model=model, variants=variants)
 
     def variant(self, model: str, name: str) -> openpi_layout.Variant | None:
-        """The variant as openpi's own ``get_config`` builds it; None when openpi does not know the name."""
+        """The variant as openpi's own ``get_config`` builds it; None when openpi does not know the name.
+
+        Raises ConfigError, naming openpi's error, when openpi's code fails or its LoRA configs are not numbers.
+        """
+        call = f"{self.gemma[model].__name__}.get_config({name!r})"
         try:
             gemma_config = self.gemma[model].get_config(name)
         except (ValueError, KeyError):  # openpi raises ValueError(f"Unknown variant: {variant}").
             return None
-        lora_configs = getattr(gemma_config, "lora_configs", None) or {}
-        attn, ffn = lora_configs.get("attn"), lora_configs.get("ffn")
-        return openpi_layout.Variant(
-            name,
-            attn=None if attn is None else _lora_spec(attn),
-            ffn=None if ffn is None else _lora_spec(ffn),
-        )
+        except Exception as e:  # As in train_config.
+            raise broken(call, e) from e
+        if gemma_config is None:
+            raise broken(call, None, "returned None")
+        try:
+            lora_configs = getattr(gemma_config, "lora_configs", None) or {}
+            attn, ffn = lora_configs.get("attn"), lora_configs.get("ffn")
+            return openpi_layout.Variant(
+                name,
+                attn=None if attn is None else _lora_spec(attn),
+                ffn=None if ffn is None else _lora_spec(ffn),
+            )
+        except (AttributeError, TypeError, ValueError, IndexError) as e:
+            raise broken(call, e, "returned LoRA configs whose rank, alpha or axes are not numbers") from e
 
     def describe_variant(self, model: str, name: str) -> str:
         return f"openpi: {self.gemma[model].__name__.rsplit('.', 1)[-1]}.get_config({name!r})"
 
 
+def broken(call: str, error: BaseException | None, what: str = "failed") -> errors.ConfigError:
+    """openpi's own code failing, as one line naming its error and the ways out."""
+    reason = "" if error is None else f": {type(error).__name__}: {str(error).strip()[:200]}"
+    return errors.ConfigError(
+        f"openpi is importable here but {call} {what}{reason}; fix openpi, or pass the variants and alpha as "
+        "--config.<expert>.* fields in an environment without openpi"
+    )
+
+
 def load() -> OpenPI | None:
-    """openpi's config modules, or None when openpi is not importable here."""
+    """openpi's config modules, or None when openpi is not importable here.
+
+    Raises ConfigError naming openpi's error when importing it raises anything but ImportError (a broken openpi).
+    """
     try:
         training_config = importlib.import_module(_TRAINING_CONFIG)
         gemma = {model: importlib.import_module(module) for model, module in _GEMMA.items()}
     except ImportError:
         return None
+    except Exception as e:  # openpi's import runs its code: any failure of it is one line, not a traceback.
+        raise broken(f"import {_TRAINING_CONFIG}", e) from e
     location = str(getattr(importlib.import_module("openpi"), "__file__", None) or "openpi")
     return OpenPI(training_config=training_config, gemma=gemma, location=location)

@@ -33,6 +33,12 @@ MODEL_CONFIGS = {"pi0": "pi0_lora", "pi05": "pi05_lora", "pi0_fast": "pi0_fast_l
 MODEL_TITLES = {"pi0": "pi0", "pi05": "pi0.5", "pi0_fast": "pi0-FAST"}
 
 PARAMS_KEY = "params"
+# A step dir as serving reads it: <step>/params (PARAMS_KEY) and <step>/assets/<asset_id>/norm_stats.json.
+ASSETS_DIR = "assets"
+# What openpi-merge adds to a step dir it writes (openpi reads only params/ and assets/, so it ignores them): the
+# provenance and the integrity manifest. A dir holding either is one of ours.
+PROVENANCE_FILE = "openpi_merge.json"
+MANIFEST_FILE = "openpi_merge_manifest.json"
 # nnx.State saves every parameter as {"value": array}; openpi's restore_params strips it only when every path has it.
 VALUE_SUFFIX = "value"
 

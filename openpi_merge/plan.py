@@ -9,6 +9,8 @@ from openpi_merge import config, errors, lora, openpi_layout
 from openpi_merge.openpi_layout import is_lora_leaf
 
 Path = openpi_layout.Path
+# The dtypes a merged kernel and its factors may have: the fuse computes in float32 and rounds to the kernel's own.
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Pair:
         return lora.lora_equations(self.kind.equation, self.lora_axes)
 
     @property
-    def merged(self) -> Leaf:
+    def merged_leaf(self) -> Leaf:
         """The kernel as it is written out."""
         return dataclasses.replace(self.kernel, dtype=self.out_dtype)
 
@@ -76,7 +78,7 @@ class Plan:
 
     @property
     def leaves_out(self) -> tuple[Leaf, ...]:
-        return self.kept + tuple(p.merged for p in self.pairs)
+        return self.kept + tuple(p.merged_leaf for p in self.pairs)
 
 
 def _match_kind(path: Path) -> tuple[lora.ModuleKind, str] | None:
@@ -114,7 +116,17 @@ def _plan_pair(
     axes = _negative_axes(expert.lora_axes if kind.scaled else lora.FEEDFORWARD_AXES, layer_ndim, kernel.name)
     if len(lora_a.shape) != len(kernel.shape):
         raise errors.PlanError(f"{lora_a.name} has shape {lora_a.shape}, which does not fit kernel {kernel.shape}")
+    for leaf in (kernel, lora_a, lora_b):
+        if leaf.dtype.name not in FLOAT_DTYPES:
+            raise errors.PlanError(
+                f"{leaf.name} is {leaf.dtype.name}: openpi's LoRA kernels and factors are floating point "
+                f"({', '.join(FLOAT_DTYPES)}); a quantised checkpoint must be dequantised before merging"
+            )
+    if 0 in kernel.shape:
+        raise errors.PlanError(f"{kernel.name} has shape {kernel.shape}, with no elements: nothing to fold into")
     rank = lora_a.shape[axes[1]]
+    if rank == 0:
+        raise errors.PlanError(f"{lora_a.name} has shape {lora_a.shape}: LoRA rank 0 is no adapter (scale alpha / 0)")
     want_a, want_b = lora.factor_shapes(kernel.shape, axes, rank)
     for leaf, want in ((lora_a, want_a), (lora_b, want_b)):
         if leaf.shape != want:
@@ -230,8 +242,13 @@ def make_plan(leaves: dict[Path, Leaf], settings: config.Settings, reference: di
 
     merged = {pair.kernel.path for pair in pairs}
     kept = tuple(leaf for path, leaf in leaves.items() if not is_lora_leaf(path) and path not in merged)
+    problems += [  # Orbax refuses to save an array without elements ("Cannot save arrays with zero size").
+        f"{leaf.name} has shape {leaf.shape}, with no elements: Orbax cannot save it; drop it from the checkpoint"
+        for leaf in kept
+        if 0 in leaf.shape
+    ]
     if reference is not None and not problems:
-        problems += _reference_mismatches(kept + tuple(p.merged for p in pairs), reference)
+        problems += _reference_mismatches(kept + tuple(p.merged_leaf for p in pairs), reference)
     notes = _notes(pairs) + _ffn_rank_notes(pairs, settings)
     return Plan(
         pairs=tuple(pairs), kept=kept, notes=notes, problems=tuple(problems), model=settings.model, settings=settings

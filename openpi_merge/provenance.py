@@ -11,9 +11,9 @@ import json
 import pathlib
 from typing import Any
 
-from openpi_merge import __version__, lora, plan, storage
+from openpi_merge import __version__, lora, openpi_layout, plan, storage
 
-FILENAME = "openpi_merge.json"
+FILENAME = openpi_layout.PROVENANCE_FILE
 _FOUND = {"command line": "named on the command line", "input path": "found in the input path"}
 
 
@@ -87,8 +87,8 @@ def settings_lines(merge_plan: plan.Plan) -> list[str]:
     return lines
 
 
-def make(merge_plan: plan.Plan, *, input_path: pathlib.Path, output: pathlib.Path) -> dict:
-    """The provenance document of a merge."""
+def make(merge_plan: plan.Plan, *, input_path: pathlib.Path, output: pathlib.Path, asset_ids: list[str]) -> dict:
+    """The provenance document of a merge; ``asset_ids``: the ``assets/<asset_id>/`` dirs carried to the output."""
     settings = merge_plan.settings
     return {
         "tool": "openpi-merge",
@@ -104,6 +104,7 @@ def make(merge_plan: plan.Plan, *, input_path: pathlib.Path, output: pathlib.Pat
         "experts": experts(merge_plan),
         "dtypes": sorted({f"{p.kernel.dtype.name}->{p.out_dtype.name}" for p in merge_plan.pairs}),
         "pairs": len(merge_plan.pairs),
+        "assets": asset_ids,
     }
 
 

@@ -25,7 +25,9 @@ class Outcome:
     output: pathlib.Path | None = None
     devices: str | None = None  # Where the arrays lived: one device, or a mesh over every process's devices.
     details: list[str] = dataclasses.field(default_factory=list)  # Summary lines beyond the table: devices, notes.
-    provenance: dict | None = None  # The document written into the output step dir, once written.
+    provenance: dict = dataclasses.field(default_factory=dict)  # Written into the output step dir, once written.
+    config: dict = dataclasses.field(default_factory=dict)  # The config as given, for the report.
+    report_written: bool = False  # The run published its report itself (a merge, right after its commit).
 
 
 def _leaf(leaf: plan.Leaf) -> dict:
@@ -73,13 +75,10 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: str | None) -> None:
-    """Writes the report atomically (a reader never sees half a file); any part of ``outcome`` may still be unset.
-
-    Raises EnvironmentFaultError if the file cannot be written.
-    """
+def render(config: dict, outcome: Outcome, *, exit_code: int, error: str | None) -> str:
+    """The report as JSON text; any part of ``outcome`` may still be unset."""
     merge_plan = outcome.merge_plan
-    checks = {check.pair.kernel.path: check for check in reversed(outcome.checks)}  # The first check of each pair.
+    checks = {check.pair.kernel.path: check for check in outcome.checks}
     document = {
         "status": "ok" if exit_code == 0 else "error",
         "exit_code": exit_code,
@@ -107,7 +106,76 @@ def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: s
         "devices": outcome.devices,
         "versions": _versions(),
     }
-    text = json.dumps(document, indent=2) + "\n"
+    return json.dumps(document, indent=2) + "\n"
+
+
+@dataclasses.dataclass
+class Staged:
+    """A report written before the commit it reports, in these states:
+
+    - staged: a local report is complete in a hidden file beside its path (a full disk fails here, before the
+      commit, so a run never commits and then fails on its report); a bucket report waits in memory.
+    - published (``publish``, after the commit): the file takes its name (a bucket object is written whole).
+    - discarded (``discard``, the commit failed): the hidden file is removed; the run writes an error report instead.
+    """
+
+    path: str
+    text: str
+    partial: pathlib.Path | None  # None for a bucket report.
+
+    def publish(self, target: object) -> None:
+        """Raises EnvironmentFaultError, saying the output is complete, if the report cannot take its place."""
+        try:
+            if self.partial is None:
+                storage.resolve(self.path).write_text(self.text)
+            else:
+                os.replace(self.partial, pathlib.Path(self.path).expanduser().resolve())
+        except Exception as e:  # gcsfs and the HTTP layers under it raise many types; a local rename an OSError.
+            raise errors.EnvironmentFaultError(
+                f"the output {target} is complete (committed), but the report {self.path} could not be written: "
+                f"{storage.reason(e)}"
+            ) from e
+        self.partial = None
+
+    def discard(self) -> None:
+        if self.partial is not None:
+            with contextlib.suppress(OSError):
+                self.partial.unlink(missing_ok=True)
+
+
+def _partial(target: pathlib.Path) -> pathlib.Path:
+    return target.with_name(f".{target.name}.tmp")
+
+
+def stage(settings, outcome: Outcome) -> Staged | None:
+    """Stages the success report of the run (``Staged``); None without ``report``. Raises EnvironmentFaultError if a
+    local report cannot be written."""
+    if not settings.report:
+        return None
+    text = render(outcome.config, outcome, exit_code=0, error=None)
+    if storage.is_remote(settings.report):
+        return Staged(settings.report, text, None)
+    target = pathlib.Path(settings.report).expanduser().resolve()
+    partial = _partial(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise errors.os_fault(e, target, "cannot write the report") from e
+    return Staged(settings.report, text, partial)
+
+
+def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: str | None) -> None:
+    """Writes the report atomically (a reader never sees half a file); any part of ``outcome`` may still be unset.
+
+    Raises EnvironmentFaultError if the file cannot be written.
+    """
+    text = render(config, outcome, exit_code=exit_code, error=error)
     if storage.is_remote(path):
         try:
             storage.resolve(path).write_text(text)  # An object appears whole or not at all.
@@ -115,7 +183,7 @@ def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: s
             raise errors.EnvironmentFaultError(f"cannot write the report {path}: {storage.reason(e)}") from e
         return
     target = pathlib.Path(path).expanduser().resolve()
-    partial = target.with_name(f".{target.name}.tmp")
+    partial = _partial(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(text)

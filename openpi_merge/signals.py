@@ -6,10 +6,13 @@ the merge commits and exits 0). A flag stops the run only where nothing is in fl
 heavy, so ``__main__`` installs the handlers before it imports JAX: a signal during start-up is kept, not lost.
 """
 
+import contextlib
 import signal
+from collections.abc import Iterator
 
 from openpi_merge import errors
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: int | None = None
 
 
@@ -20,8 +23,34 @@ def _handle(signum: int, frame) -> None:
 
 
 def install() -> None:
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    """Sets the handlers, then unblocks the two signals: one that came while they were blocked (``held``, across the
+    huge-pages restart) is delivered now, to the handler."""
+    for signum in _SIGNALS:
         signal.signal(signum, _handle)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
+def received() -> bool:
+    return _received is not None
+
+
+def hold() -> None:
+    """Blocks the two signals for good: once the run's outcome is decided, a signal stays pending and the process
+    exits with its own code. (Python resets its handlers to the default while it shuts down, so a signal there would
+    kill a run that committed.) The kernel discards pending signals at exit."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Blocks the two signals for the block. The mask survives ``execv``: a signal during the huge-pages restart stays
+    pending until the restarted program's ``install`` unblocks it, instead of meeting Python's default handler (a
+    KeyboardInterrupt traceback) while the new interpreter starts."""
+    hold()
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
 
 def stop() -> None:

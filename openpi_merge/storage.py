@@ -3,9 +3,9 @@
 Local paths stay ``pathlib.Path``s, resolved as before. A path with a scheme becomes an ``etils.epath.Path``, the type
 Orbax takes: Orbax reads and writes the arrays there itself (tensorstore's ``gcs`` kvstore), nothing is copied to local
 disk. What Orbax does not do is done here, through fsspec (the layer under epath: gcsfs for ``gs://``): listing a
-prefix, copying ``assets/`` object by object, removing a prefix, and the one change Orbax's save needs on object
-storage (``deferred_commit``). gcsfs is an optional dependency (``pip install openpi-merge[gcs]``); tested schemes:
-``gs://`` only.
+prefix, copying ``assets/`` object by object, removing a prefix (the one change Orbax's save needs on object storage
+is ``objectstore_commit.DeferredCommit``). gcsfs is an optional dependency (``pip install openpi-merge[gcs]``);
+tested schemes: ``gs://`` only.
 
 Object storage has no directories: a "dir" exists once an object exists under its prefix, listings can be cached by
 the client (every listing here drops the cache first), and nothing can be renamed atomically (see
@@ -17,7 +17,6 @@ import posixpath
 from typing import TypeAlias
 
 import fsspec  # Installed with Orbax (etils[epath]); gcsfs plugs into it for gs://.
-import orbax.checkpoint as ocp
 from etils import epath
 
 from openpi_merge import errors
@@ -26,8 +25,6 @@ from openpi_merge import errors
 AnyPath: TypeAlias = pathlib.Path | epath.Path
 # Orbax's own marker of a finished checkpoint on object storage (orbax.checkpoint's COMMIT_SUCCESS_FILE).
 COMMIT_FILE = "commit_success.txt"
-# Where Orbax writes its commit marker instead, so that the merger writes the real one last (``deferred_commit``).
-ORBAX_COMMIT_DIR = ".openpi-merge-orbax-commit"
 
 
 def is_remote(path: str | AnyPath) -> bool:
@@ -126,29 +123,3 @@ def copy_tree(source: AnyPath, target: AnyPath) -> None:
 def write_marker(prefix: AnyPath) -> None:
     """Writes Orbax's commit marker into ``prefix``, with the text Orbax writes."""
     (epath.Path(prefix) / COMMIT_FILE).write_text(f"Checkpoint commit was successful to {prefix}")
-
-
-class _DeferredCommit(ocp.path.atomicity.CommitFileTemporaryPath):
-    """Orbax's object-storage save (files straight into the final prefix), minus two things, for two reasons.
-
-    1. orbax-checkpoint 0.11.13 (openpi's pin) fails to save to gs:// at all: right after its ``mkdir`` (which makes
-       nothing on GCS) it writes ``_CHECKPOINT_METADATA`` through a check that the dir exists, which stays false until
-       an object is written (google/orbax#1652, fixed in 0.11.14). That early write only records a start timestamp; with
-       no metadata store given here, Orbax skips it and its commit-timestamp update, and still writes the step metadata
-       after the arrays, when the prefix exists. The least invasive fix: one constructor argument, Orbax's own
-       extension point (``Checkpointer(temporary_path_class=...)``), no patched Orbax code. The output lacks only
-       ``init_timestamp_nsecs``/``commit_timestamp_nsecs`` in ``_CHECKPOINT_METADATA``, which no reader needs.
-    2. Orbax writes ``commit_success.txt`` into the params dir as soon as its save ends, which would make ``params/``
-       restorable before ``assets/`` is copied. Its marker goes to a side prefix (``ORBAX_COMMIT_DIR``) instead, and
-       ``objectstore_commit`` writes the real one when the whole step is complete.
-    """
-
-    @classmethod
-    def from_final(cls, final_path: epath.Path, **kwargs) -> "_DeferredCommit":
-        kwargs["checkpoint_metadata_store"] = None
-        return cls(final_path, final_path.parent / ORBAX_COMMIT_DIR, **kwargs)
-
-
-def checkpointer_options(params_dir: AnyPath) -> dict:
-    """Extra ``ocp.Checkpointer`` arguments for a save to ``params_dir``: none locally, the deferred commit remotely."""
-    return {"temporary_path_class": _DeferredCommit} if is_remote(params_dir) else {}

@@ -1,9 +1,11 @@
 """The stream of slices: every output array is read, fused (a pair's kernel) and written a slice at a time, the three
-overlapping, in bounded memory. Used by single-process merges (``pipeline``); ``slices`` does the reading and writing.
+overlapping, in bounded memory. Used by single-process merges (``pipeline``): ``reader`` reads, ``writer.slices``
+writes.
 
 Blocks. A block is a run of rows along an array's first axis, the unit that is read, held and released:
 
-- a kept leaf: rows that make whole chunks of the input array (``slices.read_rows``), as many as fit half the budget;
+- a kept leaf: rows that make whole chunks of the input array (``reader.Inputs.chunk_rows``), as many as fit half the
+  budget;
 - a pair: whole layers of the kernel (its first axis is openpi's scanned depth), likewise whole chunks; its LoRA
   factors (small: rank columns) are read whole with the pair's first block. An unstacked kernel is one block.
 A block's bytes are what it reads plus what it writes (plus one layer's float32 temporaries for a pair). The input's
@@ -31,7 +33,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-from openpi_merge import fuse, manifest, plan, slices
+from openpi_merge import fuse, manifest, plan, reader, writer
 
 GB = 1e9
 _NOTES = 3  # Arrays over the budget named in the summary, largest first.
@@ -51,7 +53,8 @@ class Block:
     last: bool
 
     @property
-    def source(self) -> plan.Leaf:
+    def input_leaf(self) -> plan.Leaf:
+        """The input leaf whose rows the block reads: the pair's kernel, or the kept leaf itself."""
         return self.pair.kernel if self.pair else self.out
 
 
@@ -59,7 +62,7 @@ class Block:
 
 
 def _row_bytes(leaf: plan.Leaf) -> int:
-    return slices.nbytes(leaf.shape[1:], leaf.dtype) if leaf.shape else leaf.nbytes
+    return writer.nbytes(leaf.shape[1:], leaf.dtype) if leaf.shape else leaf.nbytes
 
 
 def _runs(size: int, rows: int) -> list[tuple[int, int, int]]:
@@ -67,13 +70,13 @@ def _runs(size: int, rows: int) -> list[tuple[int, int, int]]:
     return [(start, min(start + rows, size), size) for start in range(0, size, rows)]
 
 
-def _pair_blocks(pair: plan.Pair, store: ts.TensorStore, target: int) -> list[Block]:
-    kernel, out = pair.kernel, pair.merged
+def _pair_blocks(pair: plan.Pair, inputs: reader.Inputs, target: int) -> list[Block]:
+    kernel, out = pair.kernel, pair.merged_leaf
     factors = pair.lora_a.nbytes + pair.lora_b.nbytes
-    layer = slices.nbytes(kernel.shape[pair.batch_ndim :], np.float32)
+    layer = writer.nbytes(kernel.shape[pair.batch_ndim :], np.float32)
     if pair.batch_ndim == 0:
         return [Block(out, pair, 0, 1, kernel.nbytes + out.nbytes + factors + 4 * layer, True, True)]
-    chunk = slices.read_rows(store)
+    chunk = inputs.chunk_rows(kernel.path)
     per_row = _row_bytes(kernel) + _row_bytes(out)
     fixed = 4 * layer + factors
     rows = chunk * max(1, (target - fixed) // max(1, chunk * per_row))
@@ -82,10 +85,10 @@ def _pair_blocks(pair: plan.Pair, store: ts.TensorStore, target: int) -> list[Bl
     ]
 
 
-def _kept_blocks(leaf: plan.Leaf, store: ts.TensorStore, target: int) -> list[Block]:
+def _kept_blocks(leaf: plan.Leaf, inputs: reader.Inputs, target: int) -> list[Block]:
     if not leaf.shape or leaf.shape[0] == 0:
         return [Block(leaf, None, 0, 1, 2 * leaf.nbytes, True, True)]
-    chunk = slices.read_rows(store)
+    chunk = inputs.chunk_rows(leaf.path)
     rows = chunk * max(1, target // max(1, 2 * chunk * _row_bytes(leaf)))
     return [
         Block(leaf, None, a, b, 2 * (b - a) * _row_bytes(leaf), a == 0, b == n)
@@ -93,23 +96,23 @@ def _kept_blocks(leaf: plan.Leaf, store: ts.TensorStore, target: int) -> list[Bl
     ]
 
 
-def make_blocks(merge_plan: plan.Plan, inputs: dict[plan.Path, ts.TensorStore], budget: int) -> list[Block]:
+def make_blocks(merge_plan: plan.Plan, inputs: reader.Inputs, budget: int) -> list[Block]:
     """The plan's output, pairs first, in blocks of about half the budget (two in flight), whole chunks each."""
     target = max(1, budget // 2)
-    blocks = [b for pair in merge_plan.pairs for b in _pair_blocks(pair, inputs[pair.kernel.path], target)]
-    blocks += [b for leaf in merge_plan.kept for b in _kept_blocks(leaf, inputs[leaf.path], target)]
+    blocks = [b for pair in merge_plan.pairs for b in _pair_blocks(pair, inputs, target)]
+    blocks += [b for leaf in merge_plan.kept for b in _kept_blocks(leaf, inputs, target)]
     return blocks
 
 
-def output_arrays(blocks: Sequence[Block]) -> list[slices.OutputArray]:
+def output_arrays(blocks: Sequence[Block]) -> list[writer.OutputArray]:
     """How each output array is written: a fused kernel a layer at a time, a kept leaf in its blocks' rows."""
     arrays = {}
     for block in blocks:
         if block.out.path in arrays:
             continue
         rows = 1 if block.pair and block.pair.batch_ndim else block.stop - block.start
-        arrays[block.out.path] = slices.OutputArray(
-            block.out.path, block.out.shape, block.out.dtype, slices.write_shape(block.out.shape, rows)
+        arrays[block.out.path] = writer.OutputArray(
+            block.out.path, block.out.shape, block.out.dtype, writer.write_shape(block.out.shape, rows)
         )
     return list(arrays.values())
 
@@ -142,17 +145,17 @@ def describe(blocks: Sequence[Block], budget: int, how: str) -> list[str]:
 @dataclasses.dataclass
 class _Reads:
     block: Block
-    futures: dict[str, ts.Future]
+    reads: dict[str, reader.Read]
 
 
-def _issue_reads(block: Block, inputs: dict[plan.Path, ts.TensorStore]) -> _Reads:
-    source = inputs[block.source.path]
-    whole = not block.source.shape or (block.pair is not None and block.pair.batch_ndim == 0)
-    futures = {"data": (source if whole else source[block.start : block.stop]).read()}
+def _issue_reads(block: Block, inputs: reader.Inputs) -> _Reads:
+    leaf = block.input_leaf
+    whole = not leaf.shape or (block.pair is not None and block.pair.batch_ndim == 0)
+    reads = {"data": inputs.read(leaf.path, None if whole else slice(block.start, block.stop))}
     if block.pair and block.first:
-        futures["a"] = inputs[block.pair.lora_a.path].read()
-        futures["b"] = inputs[block.pair.lora_b.path].read()
-    return _Reads(block, futures)
+        reads["a"] = inputs.read(block.pair.lora_a.path)
+        reads["b"] = inputs.read(block.pair.lora_b.path)
+    return _Reads(block, reads)
 
 
 def _write(store: ts.TensorStore, index, array: np.ndarray) -> ts.Future:
@@ -162,7 +165,7 @@ def _write(store: ts.TensorStore, index, array: np.ndarray) -> ts.Future:
 
 def run(
     blocks: Sequence[Block],
-    inputs: dict[plan.Path, ts.TensorStore],
+    inputs: reader.Inputs,
     outputs: dict[plan.Path, ts.TensorStore],
     *,
     budget: int,
@@ -174,8 +177,9 @@ def run(
 ) -> list[fuse.Check]:
     """Streams ``blocks`` from ``inputs`` to ``outputs`` (module docstring); returns each pair's Check.
 
-    Raises NumericsError (NaN or Inf; a failed verification) from the fuse or the digests, InterruptError from
-    ``stop``, and what TensorStore raises for a failed read or write.
+    Raises InputError naming the parameter for a read that fails (``reader``), NumericsError (NaN or Inf; a failed
+    verification) from the fuse or the digests, InterruptError from ``stop``, and what TensorStore raises for a
+    failed write.
     """
     seeds = {pair.kernel.path: i for i, pair in enumerate(dict.fromkeys(b.pair for b in blocks if b.pair))}
     reads: collections.deque[_Reads] = collections.deque()
@@ -208,7 +212,7 @@ def run(
         while next_read < len(blocks) and held + blocks[next_read].nbytes <= budget:  # Read ahead.
             issue(blocks[next_read])
         current = reads.popleft()
-        data = current.futures.pop("data").result()
+        data = current.reads.pop("data").result()
         stop()
         futures: list = []
         if block.pair is None:
@@ -248,7 +252,7 @@ def _fuse_block(
     assert pair is not None
     key = pair.kernel.path
     if block.first:
-        factors[key] = (reads.futures.pop("a").result(), reads.futures.pop("b").result())
+        factors[key] = (reads.reads.pop("a").result(), reads.reads.pop("b").result())
         fusers[key] = fuse.layer_fuser(pair, verify=verify, seed=seeds[key], device=device)
     lora_a, lora_b = factors[key]
     fuser = fusers[key]
@@ -263,8 +267,8 @@ def _fuse_block(
     def write_oldest() -> None:
         index, stored = dispatched.popleft()
         host = np.asarray(stored)  # Waits for XLA to compute this layer; later layers go on meanwhile.
-        futures.append(_write(outputs[pair.merged.path], index or None, host))
-        futures.append(digests.update(pair.merged, host))
+        futures.append(_write(outputs[pair.merged_leaf.path], index or None, host))
+        futures.append(digests.update(pair.merged_leaf, host))
         stop()
 
     for local, index in layers:

@@ -97,10 +97,26 @@ def _pi05_path_note(merge_plan: plan.Plan, output: pathlib.Path) -> list[str]:
     ]
 
 
-def render(merge_plan: plan.Plan, checks: list[fuse.Check], output: pathlib.Path, stopwatch: Stopwatch) -> str:
+def _assets_line(asset_ids: list[str] | None) -> list[str]:
+    if asset_ids is None:  # Not this process's to copy (several processes: process 0 copies).
+        return []
+    if not asset_ids:
+        return [
+            "assets: none carried (the input has no assets/ dir, e.g. a bare params dir): openpi's server needs "
+            "assets/<asset_id>/norm_stats.json in the step dir; copy them from the training step dir"
+        ]
+    return [f"assets: {', '.join(asset_ids)} (assets/<asset_id>/, carried byte for byte)"]
+
+
+def render(
+    merge_plan: plan.Plan,
+    checks: list[fuse.Check],
+    output: pathlib.Path,
+    stopwatch: Stopwatch,
+    asset_ids: list[str] | None,
+) -> str:
     """Pairs per expert and module kind with ranks, scales, verification and rounding; where each setting came from;
-    leaves and bytes in and out, time per phase."""
-    checks = fuse.first_per_pair(checks)
+    the asset ids carried; leaves and bytes in and out, time per phase."""
     worst = fuse.worst_by_kind(checks)
     rounding: dict[tuple[str, str], tuple[float, float]] = {}
     for check in checks:
@@ -133,6 +149,7 @@ def render(merge_plan: plan.Plan, checks: list[fuse.Check], output: pathlib.Path
             "  changed: least share of a kernel's elements the merge changed; rounding: worst rounding error of the "
             "stored kernel against the LoRA update's size (0: kept exactly, 1: erased)",
             *(f"  {line}" for line in provenance.settings_lines(merge_plan)),
+            *(f"  {line}" for line in _assets_line(asset_ids)),
             *_totals(merge_plan),
             f"  time:   {stopwatch.total:.2f} s ({phases})",
             *(

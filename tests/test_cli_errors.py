@@ -1,14 +1,15 @@
 """Every expected mistake ends in one clear line on stderr, a documented exit code, no traceback and no output."""
 
+import dataclasses
 import json
 import shutil
 
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import STEP_DIR_NAMES, file_hashes, run_cli, write_params
+from helpers import STEP_DIR_NAMES, file_hashes, restore_flat, run_cli, write_params
 
-from openpi_merge import errors
+from openpi_merge import config, errors, plan
 from openpi_merge.testing import synthetic
 
 LLM = ("PaliGemma", "llm", "layers")
@@ -140,7 +141,7 @@ def test_non_finite_values(tmp_path):
 
 def test_output_exists_unless_overwrite(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "params").mkdir(parents=True)  # An older checkpoint there.
     (out / "keep.txt").write_text("mine")
     _assert_fails(_merge(tiny_checkpoint("pi0"), out), errors.OutputError, "already exists")
     assert (out / "keep.txt").read_text() == "mine"
@@ -203,3 +204,120 @@ def test_a_config_error_still_writes_the_report(tiny_checkpoint, tmp_path):
     assert document["exit_code"] == errors.ConfigError.exit_code
     assert "dtype='float16'" in document["error"]
     assert not (tmp_path / "out").exists()
+
+
+def _int8_kernel(flat):
+    path = (*LLM, "mlp", "linear")
+    flat[path] = np.clip(np.asarray(flat[path], np.float32) * 100, -127, 127).astype(np.int8)
+
+
+@pytest.mark.parametrize(
+    ("edit", "overrides", "message"),
+    [
+        (_int8_kernel, (), "mlp/linear is int8: openpi's LoRA kernels and factors are floating point"),
+    ],
+    ids=["int8-kernel"],
+)
+def test_inspect_and_the_merge_refuse_the_same_unmergeable_pair(tmp_path, edit, overrides, message):
+    step = _edited_checkpoint(tmp_path, edit)
+    inspected = run_cli("--config=configs/pi0_lora.py", f"--config.input={step}", "--config.mode=inspect", *overrides)
+    assert inspected.returncode == errors.PlanError.exit_code, inspected.stdout
+    assert message in inspected.stdout
+    _assert_fails(_merge(step, tmp_path / "out", *overrides), errors.PlanError, message)
+    assert not (tmp_path / "out").exists()
+
+
+def _planned(model: str, edit) -> plan.Plan:
+    """The plan of a tiny checkpoint's leaves after ``edit`` (shapes only: Orbax cannot even write such a tree)."""
+    specs = synthetic.param_specs(model, "tiny", lora=True)
+    leaves = {
+        tuple(name.split("/")): plan.Leaf(tuple(name.split("/")), spec.shape, np.dtype(spec.dtype))
+        for name, spec in specs.items()
+    }
+    edit(leaves)
+    cfg = config.make_config(model)
+    cfg.input, cfg.output, cfg.paligemma.alpha = "in", "out", 16.0
+    return plan.make_plan(leaves, config.read_settings(cfg, openpi=None))
+
+
+def _resized(leaves, path, axis: int, size: int) -> None:
+    shape = list(leaves[path].shape)
+    shape[axis] = size
+    leaves[path] = dataclasses.replace(leaves[path], shape=tuple(shape))
+
+
+def test_an_attention_lora_of_rank_0_with_an_explicit_alpha_is_a_plan_problem():
+    def rank_0(leaves):
+        _resized(leaves, (*LLM, "attn", "q_einsum", "lora_a"), -1, 0)
+        _resized(leaves, (*LLM, "attn", "q_einsum", "lora_b"), -3, 0)
+
+    problems = _planned("pi0", rank_0).problems
+    assert any("LoRA rank 0 is no adapter" in p for p in problems), problems
+
+
+def test_a_zero_size_kept_leaf_is_a_plan_problem():
+    def empty(leaves):
+        path = ("action_in_proj", "kernel")
+        leaves[path] = dataclasses.replace(leaves[path], shape=(0, leaves[path].shape[1]))
+
+    problems = _planned("pi0", empty).problems
+    assert any("action_in_proj/kernel has shape (0," in p and "no elements" in p for p in problems), problems
+
+
+def test_huge_finite_factors_are_called_an_overflow_not_non_finite_input(tmp_path):
+    def inflate(flat):
+        for name in ("lora_a", "lora_b"):
+            path = (*LLM, "attn", "attn_vec_einsum", name)
+            flat[path] = np.full_like(flat[path], 1e30)
+
+    step = _edited_checkpoint(tmp_path, inflate)
+    result = _merge(step, tmp_path / "out")
+    _assert_fails(result, errors.NumericsError, "attn_vec_einsum/w")
+    assert "overflow" in result.stderr
+    assert "holds non-finite values" not in result.stderr
+
+
+def _rewrite_key(params_dir, suffix: str, edit) -> str:
+    """Rewrites the value of the one key of the checkpoint's OCDBT database ending in ``suffix`` (TensorStore's kvstore,
+    the layer Orbax writes through); the tree metadata stays intact. Returns the key."""
+    import tensorstore as ts
+
+    store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{params_dir}"}).result()
+    (key,) = [k for k in store.list().result() if k.endswith(suffix.encode())]
+    store.write(key, edit(store.read(key).result().value)).result()
+    return key.decode()
+
+
+@pytest.mark.parametrize("damage", ["truncated-chunk", "zarray-claims-more"])
+def test_a_corrupt_chunk_of_a_lora_factor_is_exit_3_naming_it(tiny_checkpoint, tmp_path, damage):
+    step = tmp_path / "step"
+    shutil.copytree(tiny_checkpoint("pi0"), step)
+    factor = "q_einsum.lora_a.value"
+    if damage == "truncated-chunk":
+        _rewrite_key(step / "params", f"{factor}/0.0.0.0", lambda data: data[: len(data) // 2])
+    else:
+
+        def claim_more(data: bytes) -> bytes:
+            zarray = json.loads(data)
+            zarray["chunks"] = [2 * c for c in zarray["chunks"]]
+            return json.dumps(zarray).encode()
+
+        _rewrite_key(step / "params", f"{factor}/.zarray", claim_more)
+    result = _merge(step, tmp_path / "out")
+    _assert_fails(result, errors.InputError, "at parameter PaliGemma/llm/layers/attn/q_einsum/lora_a")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_input_whose_params_files_are_links_merges_like_a_copy(tiny_checkpoint, tmp_path):
+    """Links inside the input's params/ are followed (a hub cache links every file into a blob store); only assets/,
+    which is copied into the output, must hold regular files."""
+    step, blobs = tmp_path / "snapshot", tmp_path / "blobs"
+    shutil.copytree(tiny_checkpoint("pi0"), step)
+    blobs.mkdir()
+    for index, data in enumerate(sorted(p for p in (step / "params").rglob("*") if p.is_file())):
+        shutil.move(data, blobs / str(index))
+        data.symlink_to(blobs / str(index))
+    linked, plain = _merge(step, tmp_path / "linked"), _merge(tiny_checkpoint("pi0"), tmp_path / "plain")
+    assert linked.returncode == plain.returncode == 0, linked.stderr
+    manifests = [json.loads((tmp_path / out / "openpi_merge_manifest.json").read_text()) for out in ("linked", "plain")]
+    assert manifests[0]["params"] == manifests[1]["params"]

@@ -2,6 +2,7 @@
 two runs for one output never meet. Real runs, real signals; the test hook holds or kills a run at an exact point."""
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -38,10 +39,8 @@ def _check(out) -> None:
 
 def test_a_failed_block_leaves_nothing_beside_the_output(tmp_path):
     def failing_run():
-        with (
-            commit.claim(tmp_path / "out", overwrite=False, needed_bytes=0) as held,
-            commit.staged(held, "feed") as staging,
-        ):
+        with commit.claim(tmp_path / "out", overwrite=False, needed_bytes=0) as held:
+            staging = held.stage("feedf00d")
             (staging / "params").mkdir()
             raise RuntimeError("boom")
 
@@ -143,3 +142,56 @@ def test_the_lock_file_names_its_holder(tmp_path):
         with pytest.raises(errors.OutputError, match=f"pid {os.getpid()} on "):
             commit.claim(target, overwrite=False, needed_bytes=0).__enter__()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_glob_in_the_output_name_leaves_another_runs_staging_alone(tiny_checkpoint, tmp_path):
+    gate = tmp_path / "gate"
+    other = _start(tiny_checkpoint("pi0"), tmp_path / "ckpt1", hook=f"staging-ready:wait:{gate}")
+    wait_for(tmp_path / "gate.reached", other)
+    for name in ("ckpt[1]", "ckpt?", "ckpt*"):
+        result = _merge(tiny_checkpoint("pi0"), tmp_path / name)
+        assert result.returncode == 0, result.stderr
+    assert [p.name for p in tmp_path.glob(".ckpt1.openpi-merge-staging-*")], "the live run's staging dir is gone"
+    gate.touch()
+    _, stderr = other.communicate(timeout=300)
+    assert other.returncode == 0, stderr
+    _check(tmp_path / "ckpt1")
+
+
+def test_overwrite_replaces_only_a_checkpoint(tiny_checkpoint, tmp_path):
+    users = tmp_path / "work"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    result = _merge(tiny_checkpoint("pi0"), users, "--config.overwrite=True")
+    error_line(result.returncode, result.stderr, errors.OutputError.exit_code, "holds no checkpoint")
+    assert [p.name for p in users.iterdir()] == ["notes.txt"]
+
+
+def test_an_output_under_a_regular_file_is_named_as_such(tiny_checkpoint, tmp_path):
+    (tmp_path / "file").write_text("")
+    result = _merge(tiny_checkpoint("pi0"), tmp_path / "file" / "out")
+    error_line(result.returncode, result.stderr, errors.OutputError.exit_code, "which is a file, not a directory")
+
+
+def test_an_output_name_of_225_characters_merges(tiny_checkpoint, tmp_path):
+    out = tmp_path / ("m" * 225)
+    result = _merge(tiny_checkpoint("pi0"), out)
+    assert result.returncode == 0, result.stderr
+    _check(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+@pytest.mark.parametrize("where", ["input-metadata", "output-manifest", "beside-the-output"])
+def test_a_report_path_inside_the_input_or_the_output_is_refused(tiny_checkpoint, tmp_path, where):
+    step = tmp_path / "input"
+    shutil.copytree(tiny_checkpoint("pi0"), step)
+    before, out = tree_hashes(step), tmp_path / "out"
+    report = {
+        "input-metadata": step / "params" / "_METADATA",
+        "output-manifest": out / "openpi_merge_manifest.json",
+        "beside-the-output": tmp_path / ".out.openpi-merge.lock",
+    }[where]
+    result = _merge(step, out, f"--config.report={report}")
+    error_line(result.returncode, result.stderr, errors.ConfigError.exit_code, "report=")
+    assert tree_hashes(step) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input"]

@@ -160,10 +160,10 @@ def test_a_mount_point_as_output_cannot_be_replaced(mounts, input_copy, tmp_path
     out = tmp_path / "out"
     out.mkdir()
     mounts("-t", "tmpfs", "-o", "size=8m", "tmpfs", str(out))
-    (out / "old.txt").write_text("old")
+    (out / "params").mkdir()  # An old checkpoint, which overwrite may replace, but not at a mount point.
     result = _merge(input_copy[0], out, "--config.overwrite=True")
     error_line(result.returncode, result.stderr, errors.EnvironmentFaultError.exit_code, "is a mount point")
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert [p.name for p in out.iterdir()] == ["params"]
 
 
 @pytest.mark.parametrize("link", ["outside-file", "loop"])
@@ -208,3 +208,38 @@ def test_nan_in_a_kept_leaf_exits_5_naming_it(tmp_path, mode):
     error_line(result.returncode, result.stderr, errors.NumericsError.exit_code, "PaliGemma/img/embedding/kernel")
     assert not (tmp_path / "merged").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]
+
+
+def test_a_report_on_a_full_disk_commits_nothing_and_a_rerun_succeeds(mounts, input_copy, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk))
+    filler = disk / "filler"
+    with filler.open("wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free)
+    report = disk / "merge.json"
+    result = _merge(input_copy[0], tmp_path / "merged", f"--config.report={report}")
+    error_line(result.returncode, result.stderr, errors.EnvironmentFaultError.exit_code, "no space left")
+    _assert_nothing_written(tmp_path, input_copy, keep=["input", "disk"])
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    filler.unlink()
+    _assert_rerun_succeeds(input_copy, tmp_path / "merged", f"--config.report={report}", keep=["input", "disk"])
+    assert json.loads(report.read_text())["status"] == "ok"
+
+
+def test_an_old_output_that_cannot_be_removed_is_named_and_blocks_no_later_run(mounts, input_copy, tmp_path):
+    out = tmp_path / "merged"
+    assert _merge(input_copy[0], out).returncode == 0
+    stuck = out / "stuck"
+    stuck.mkdir()
+    mounts("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(stuck))  # rmtree cannot remove a mount point (EBUSY).
+    replaced = _merge(input_copy[0], out, "--config.overwrite=True")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "could not remove" in replaced.stdout
+    assert "remove it by hand" in replaced.stdout
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.openpi-merge-staging-")]
+    assert len(left) == 1
+    assert str(left[0]) in replaced.stdout
+    again = _merge(input_copy[0], out, "--config.overwrite=True")
+    assert again.returncode == 0, again.stderr
+    assert (out / "params").is_dir()

@@ -183,12 +183,54 @@ def test_permission_denied_is_one_line(tiny_checkpoint, tmp_path, side, error):
     assert "GOOGLE_APPLICATION_CREDENTIALS" in result.stderr
 
 
-def test_unfinished_bucket_input_is_refused(gcs, gcs_checkpoint, tmp_path):
-    source = gcs_checkpoint(MODEL)
-    unfinished = _gs("unfinished", source.name)
-    names = [n for n in storage.objects(source) if n not in MARKERS]
-    storage.copy_objects(source, epath.Path(unfinished), names)
+def _upload(local, prefix: str, *, leave_out=(), edit=None) -> None:
+    """Copies a local step dir to ``prefix`` file by file, as gsutil cp -r does, without any commit_success.txt (a
+    local save of orbax 0.11, openpi's pin, has none: it commits by rename)."""
+    for name in storage.files(local):
+        if name.endswith("commit_success.txt") or name in leave_out:
+            continue
+        data = (local / name).read_bytes()
+        (epath.Path(prefix) / name).write_bytes(edit(name, data) if edit else data)
+
+
+def test_an_uploaded_step_dir_without_commit_markers_merges(gcs, tiny_checkpoint, local_merge, tmp_path):
+    uploaded = _gs("uploaded", "1000")
+    _upload(tiny_checkpoint(MODEL), uploaded)
+    _merge(uploaded, tmp_path / "merged")
+    _assert_same_params(tmp_path / "merged" / "params", local_merge / "params")
+
+
+def _commit_time_unset(name: str, data: bytes) -> bytes:
+    if name != "_CHECKPOINT_METADATA":
+        return data
+    return json.dumps({**json.loads(data), "commit_timestamp_nsecs": None}).encode()
+
+
+@pytest.mark.parametrize(
+    ("leave_out", "edit"),
+    [(("params/manifest.ocdbt",), None), ((), _commit_time_unset), (("_CHECKPOINT_METADATA",), None)],
+    ids=["before-the-ocdbt-merge", "before-the-commit-time", "no-commit-record"],
+)
+def test_an_interrupted_bucket_save_is_refused(gcs, tiny_checkpoint, tmp_path, leave_out, edit):
+    unfinished = _gs("unfinished", "-".join(leave_out) or "edited", "1000")
+    _upload(tiny_checkpoint(MODEL), unfinished, leave_out=leave_out, edit=edit)
     _assert_fails(_merge_result(unfinished, tmp_path / "merged"), errors.InputError, "is an unfinished save")
+
+
+def test_a_rerun_after_a_killed_swap_restores_the_complete_copy_before_deleting_it(gcs, gs_merge):
+    out, prefix = _gs("merged", "swapped"), "merged/swapped"
+    staging = epath.Path(_gs("merged", f".swapped{objectstore_commit._STAGING}0badf00d"))
+    names = storage.objects(epath.Path(gs_merge))
+    storage.copy_objects(epath.Path(gs_merge), staging, names)  # The complete new step, as the killed swap left it.
+    unfinished = [n for n in names if n not in MARKERS][: len(names) // 2]  # T: markers gone, half copied, claimed.
+    storage.copy_objects(epath.Path(gs_merge), epath.Path(out), unfinished)
+    (epath.Path(out) / objectstore_commit.CLAIM).write_text("0badf00d")
+
+    result = _merge_result(gs_merge, out)  # No overwrite: after the repair the output exists again.
+    _assert_fails(result, errors.OutputError, "already holds a finished checkpoint (restored")
+    assert set(MARKERS) <= set(_names(gcs, prefix))
+    assert not _names(gcs, f"merged/.swapped{objectstore_commit._STAGING}0badf00d"), "the staging copy was kept"
+    _assert_same_params(epath.Path(out) / "params", epath.Path(gs_merge) / "params")
 
 
 def _assert_orbax_refuses(params_dir: str) -> None:
@@ -314,7 +356,8 @@ def test_two_processes_merge_between_buckets_as_one_process_does(gcs, gcs_checkp
 
 
 def _write_then_fail(gcs, target: epath.Path) -> None:
-    with objectstore_commit.staged(target, overwrite=False) as prefix:
+    with objectstore_commit.claim(target, overwrite=False) as held:
+        prefix = held.stage("feedf00d")
         assert prefix == target
         (prefix / "params" / "part").write_text("half a checkpoint")
         assert objectstore_commit.CLAIM in _names(gcs, "protocol/failed")
@@ -328,9 +371,11 @@ def test_an_error_inside_the_staged_block_removes_what_it_wrote(gcs):
 
 
 def _write_while_another_run_claims(target: epath.Path) -> None:
-    with objectstore_commit.staged(target, overwrite=False) as prefix:
+    with objectstore_commit.claim(target, overwrite=False) as held:
+        prefix = held.stage("feedf00d")
         (prefix / "params" / "part").write_text("written by this run")
         (prefix / objectstore_commit.CLAIM).write_text("another run's token")
+        held.commit()
 
 
 def test_a_run_whose_claim_another_run_took_does_not_commit(gcs):

@@ -94,3 +94,51 @@ def test_a_missing_array_is_caught(merged, tmp_path):
 def test_a_checkpoint_without_a_manifest_cannot_be_checked(tiny_checkpoint):
     result = _check(tiny_checkpoint("pi0"))
     error_line(result.returncode, result.stderr, errors.InputError.exit_code, "has no openpi_merge_manifest.json")
+
+
+def _edit_manifest(copy, edit) -> None:
+    path = copy / "openpi_merge_manifest.json"
+    document = json.loads(path.read_text())
+    edit(document)
+    path.write_text(json.dumps(document))
+
+
+_CRAFTED = {
+    "params-missing": lambda d: d.pop("params"),
+    "assets-a-list": lambda d: d.update(assets=[]),
+    "sha256-missing": lambda d: next(iter(d["params"].values())).pop("sha256"),
+    "sha256-a-number": lambda d: next(iter(d["params"].values())).update(sha256=7),
+    "shape-a-string": lambda d: next(iter(d["params"].values())).update(shape="[2, 3]"),
+    "asset-bytes-missing": lambda d: next(iter(d["assets"].values())).pop("bytes"),
+}
+
+
+@pytest.mark.parametrize("craft", list(_CRAFTED))
+def test_a_crafted_manifest_is_exit_3_in_one_line(merged, tmp_path, craft):
+    copy = _copy(merged, tmp_path)
+    _edit_manifest(copy, _CRAFTED[craft])
+    result = _check(copy)
+    error_line(result.returncode, result.stderr, errors.InputError.exit_code, "is not a valid openpi-merge manifest")
+
+
+def test_a_manifest_nested_deeper_than_python_parses_is_exit_3(merged, tmp_path):
+    copy = _copy(merged, tmp_path)
+    deep = '{"format": "openpi-merge-manifest/1", "params": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    (copy / "openpi_merge_manifest.json").write_text(deep)
+    result = _check(copy)
+    error_line(result.returncode, result.stderr, errors.InputError.exit_code, "is unreadable")
+
+
+@pytest.mark.parametrize("where", ["assets", "params"])
+def test_check_refuses_a_symlink_and_reads_nothing_it_points_to(merged, tmp_path, where):
+    copy = _copy(merged, tmp_path)
+    outside = tmp_path / "outside"
+    if where == "assets":  # A link out of the copy, to a dir holding files with the right bytes.
+        shutil.move(copy / "assets", outside)
+        (copy / "assets").symlink_to(outside)
+    else:
+        data = max((copy / "params").glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+        shutil.move(data, outside)
+        data.symlink_to(outside)
+    result = _check(copy)
+    error_line(result.returncode, result.stderr, errors.InputError.exit_code, "is a symbolic link")

@@ -121,8 +121,16 @@ def test_relative_paths(tiny_checkpoint, tmp_path):
 
 def test_bare_params_dir_as_input(tiny_checkpoint, tmp_path):
     step = tiny_checkpoint("pi0")
-    _merge(step / "params", tmp_path / "merged", "pi0")
+    summary = _merge(step / "params", tmp_path / "merged", "pi0").stdout
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == STEP_DIR_NAMES[1:]
+    assert "assets: none carried" in summary
+    assert "norm_stats.json" in summary
+
+
+def test_the_summary_names_the_asset_ids_carried(tiny_checkpoint, tmp_path):
+    summary = _merge(tiny_checkpoint("pi0"), tmp_path / "merged", "pi0").stdout
+    ids = sorted(p.name for p in (tiny_checkpoint("pi0") / "assets").iterdir())
+    assert f"assets: {', '.join(ids)}" in summary
 
 
 @pytest.mark.skipif(not os.environ.get("OPENPI_MERGE_OTHER_PYTHON"), reason="set by .ci/run: the other stack's python")

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import REPO, restore_flat, run_cli, write_params
+from helpers import REPO, error_line, restore_flat, run_cli, write_params
 from test_merge_end_to_end import _check_merged
 
 from openpi_merge import config, errors, fuse, plan, progress, sharding, summary
@@ -25,8 +25,11 @@ from openpi_merge.testing import synthetic
 CUSTOM = {"": 8.0, "_1": 64.0}  # Non-stock alphas at the stock ranks: the silent-alpha trap of issue 12.
 
 
-def _write_stub_openpi(root: pathlib.Path, *, stock_alpha: float = 16.0) -> pathlib.Path:
-    """A tiny fake openpi: the attributes openpi-merge reads, as openpi names them (training/config.py, models/)."""
+def _write_stub_openpi(
+    root: pathlib.Path, *, stock_alpha: float = 16.0, replace: dict[str, str] | None = None
+) -> pathlib.Path:
+    """A tiny fake openpi: the attributes openpi-merge reads, as openpi names them (training/config.py, models/);
+    ``replace``: files to write instead (a broken openpi)."""
     files = {
         "openpi/__init__.py": "",
         "openpi/models/__init__.py": "",
@@ -123,7 +126,7 @@ def _write_stub_openpi(root: pathlib.Path, *, stock_alpha: float = 16.0) -> path
                 return _CONFIGS[config_name]
             """,
     }
-    for name, text in files.items():
+    for name, text in (files | (replace or {})).items():
         path = root / "stub" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text))
@@ -319,3 +322,65 @@ def test_settings_record_where_each_came_from():
     expert = settings.experts["_1"]
     assert dataclasses.asdict(expert)["sources"]["rslora"] == "command line"
     assert settings.experts[""].sources["alpha"].startswith("stock default of gemma_2b_lora")
+
+
+_BROKEN_OPENPI = {
+    "import raises": {"openpi/training/config.py": "raise RuntimeError('half-installed openpi')\n"},
+    "get_config raises": {"openpi/models/gemma.py": "def get_config(variant):\n    raise TypeError('edited badly')\n"},
+    "get_config returns None": {"openpi/models/gemma.py": "def get_config(variant):\n    return None\n"},
+    "rank is no number": {
+        "openpi/models/gemma.py": """
+            import types
+
+            def get_config(variant):
+                config = types.SimpleNamespace(rank="sixteen", alpha=16.0)
+                return types.SimpleNamespace(lora_configs={"attn": config, "ffn": config})
+            """
+    },
+}
+
+
+@pytest.mark.parametrize("broken", list(_BROKEN_OPENPI))
+def test_a_broken_openpi_is_one_line_naming_its_error(tiny_checkpoint, tmp_path, broken):
+    stub = _write_stub_openpi(tmp_path, replace=_BROKEN_OPENPI[broken])
+    result = _run_with_openpi(stub, *_merge_args(tiny_checkpoint("pi0"), tmp_path / "out"))
+    line = error_line(result.returncode, result.stderr, 2, "openpi is importable here but")
+    assert "fix openpi" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_works_without_a_config_and_without_importing_a_broken_openpi(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(*_merge_args(tiny_checkpoint("pi0"), out)).returncode == 0
+    stub = _write_stub_openpi(tmp_path, replace=_BROKEN_OPENPI["import raises"])
+    result = _run_with_openpi(stub, "--config.mode=check", f"--config.input={out}")
+    assert result.returncode == 0, result.stderr
+    assert "matches its manifest" in result.stdout
+
+
+def test_an_override_without_a_config_says_to_name_one():
+    result = run_cli("--config.input=x")
+    error_line(result.returncode, result.stderr, 2, "no config given: pass --config=NAME")
+
+
+def test_version_prints_the_package_version():
+    from openpi_merge import __version__
+
+    result = run_cli("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"openpi-merge {__version__}")
+
+
+def test_a_path_that_is_not_utf8_is_refused_in_one_line(tiny_checkpoint, tmp_path):
+    out = os.fsdecode(bytes(tmp_path) + b"/out\xff")
+    result = run_cli(*_merge_args(tiny_checkpoint("pi0"), out))
+    error_line(result.returncode, result.stderr, 2, "is not valid UTF-8")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_merge_with_stderr_closed_still_merges(tiny_checkpoint, tmp_path):
+    command = [sys.executable, "-m", "openpi_merge", *_merge_args(tiny_checkpoint("pi0"), tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    closed = ["bash", "-c", 'exec "$@" 2>&-', "bash", *command]  # As a shell user would: 2>&-.
+    result = subprocess.run(closed, cwd=REPO, env=env, stdout=subprocess.PIPE, timeout=600, check=False)
+    assert result.returncode == 0
+    assert (tmp_path / "out" / "params").is_dir()

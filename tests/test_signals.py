@@ -64,3 +64,32 @@ def test_a_sigterm_just_before_the_commit_keeps_the_old_output(tiny_checkpoint, 
     error_line(run.returncode, stderr, 143, "interrupted by SIGTERM")
     assert file_hashes(out) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3])
+def test_a_sigint_during_start_up_is_one_line_never_a_traceback(tiny_checkpoint, tmp_path, delay):
+    run = _start(tiny_checkpoint("pi0"), tmp_path / "out")
+    time.sleep(delay)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=300)
+    assert "Traceback" not in stderr, stderr
+    if run.returncode == -signal.SIGINT:
+        # Only before the interpreter runs any code at all does SIGINT still meet the kernel's default action.
+        assert stderr == "", stderr
+    else:
+        error_line(run.returncode, stderr, 130, "interrupted by SIGINT")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigints_after_the_commit_leave_exit_0_and_the_output_complete(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    run = _start(tiny_checkpoint("pi0"), out)
+    wait_for(out, run)  # Renamed into place: committed.
+    sent = 0
+    while run.poll() is None and sent < 2000:  # Through the summary and the interpreter's shutdown.
+        run.send_signal(signal.SIGINT)
+        sent += 1
+        time.sleep(0.005)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, (run.returncode, stderr)
+    assert (out / "params").is_dir()

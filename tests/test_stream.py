@@ -5,7 +5,7 @@ import json
 import pytest
 from helpers import cli_command, restore_flat, run_cli
 
-from openpi_merge import checkpoint, config, errors, memory, plan, slices, stream
+from openpi_merge import checkpoint, config, errors, memory, plan, reader, stream
 from openpi_merge.testing import synthetic
 
 MODEL = "pi0"
@@ -60,13 +60,13 @@ def test_blocks_cover_every_row_once_in_whole_input_chunks(tiny_checkpoint):
     contents = checkpoint.read_contents(source.params_dir)
     settings = _settings(input=str(source.root), output="/nonexistent")
     merge_plan = plan.make_plan(contents.leaves, settings)
-    inputs = slices.open_inputs(source.params_dir, merge_plan.leaves_in, value_suffix=contents.value_suffix)
+    inputs = reader.open_inputs(source.params_dir, merge_plan.leaves_in, value_suffix=contents.value_suffix)
     budget = 20_000
     blocks = stream.make_blocks(merge_plan, inputs, budget)
     by_leaf: dict = {}
     for block in blocks:
         by_leaf.setdefault(block.out.path, []).append(block)
-        rows = slices.read_rows(inputs[block.source.path])
+        rows = inputs.chunk_rows(block.input_leaf.path)
         assert block.start % rows == 0
         assert block.nbytes <= budget or block.stop - block.start <= rows  # Over the budget: one chunk at most.
     assert by_leaf.keys() == {leaf.path for leaf in merge_plan.leaves_out}
@@ -82,19 +82,19 @@ def test_a_kernel_stored_in_one_chunk_is_one_block_whatever_the_budget(tiny_chec
     source = checkpoint.locate_input(str(tiny_checkpoint(MODEL)))
     contents = checkpoint.read_contents(source.params_dir)
     kernel = next(leaf for path, leaf in contents.leaves.items() if path[-1] == "gating_einsum")
-    store = slices.open_inputs(source.params_dir, [kernel], value_suffix=contents.value_suffix)[kernel.path]
-    assert slices.read_rows(store) == kernel.shape[0]  # A single-device Orbax save: the whole array is one chunk.
+    inputs = reader.open_inputs(source.params_dir, [kernel], value_suffix=contents.value_suffix)
+    assert inputs.chunk_rows(kernel.path) == kernel.shape[0]  # A single-device Orbax save: one chunk for the array.
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"), [("auto", None), ("none", 0), ("0", 0), ("2", 2 * 10**9), ("0.5", 5 * 10**8)]
+    ("text", "expected"), [("auto", None), ("none", 0), ("NONE", 0), ("2", 2 * 10**9), ("0.5", 5 * 10**8), ("1e-9", 1)]
 )
 def test_memory_budget_reads_auto_none_and_numbers(text, expected):
     settings = _settings(input="x", output="y", memory_budget_gb=text)
     assert settings.memory_budget_bytes == expected
 
 
-@pytest.mark.parametrize("text", ["-1", "inf", "lots"])
+@pytest.mark.parametrize("text", ["-1", "inf", "lots", "0", "-0", "1e-10", "1e-300", "nan"])
 def test_memory_budget_refuses_what_is_not_a_budget(text):
     with pytest.raises(errors.ConfigError, match="must be auto, none, or a positive finite number"):
         _settings(input="x", output="y", memory_budget_gb=text)

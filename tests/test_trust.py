@@ -84,7 +84,7 @@ def test_reload_check_catches_a_checkpoint_that_reads_back_different(tiny_checkp
 
     def check(arrays):
         as_written = {path: jnp.asarray(array) for path, array in arrays.items()}
-        checkpoint.check_written(params_dir, leaves, [as_written], value_suffix=True, layout=layout)
+        checkpoint.check_written(params_dir, leaves, [as_written], value_suffix=True, layout=layout, committed=True)
 
     check(params)
     path = next(p for p in params if p[-1] == "w")
@@ -93,7 +93,7 @@ def test_reload_check_catches_a_checkpoint_that_reads_back_different(tiny_checkp
     with pytest.raises(errors.NumericsError, match="reads back different"):
         check(params)
     with pytest.raises(errors.NumericsError, match="does not hold the tree"):
-        checkpoint.check_written(params_dir, list(leaves)[1:], [], value_suffix=True, layout=layout)
+        checkpoint.check_written(params_dir, list(leaves)[1:], [], value_suffix=True, layout=layout, committed=True)
 
 
 def test_reference_tree_must_match(tiny_checkpoint, tmp_path):
