@@ -325,8 +325,10 @@ def _repair(target: pathlib.Path) -> list[str]:
 
 
 def _is_checkpoint(path: pathlib.Path) -> bool:
-    """Whether ``path`` is a step dir that ``overwrite`` may replace: an openpi step (``params/``) or ours."""
-    return (path / PARAMS_KEY).is_dir() or any((path / name).is_file() for name in (PROVENANCE_FILE, MANIFEST_FILE))
+    """Whether ``path`` is a dir that ``overwrite`` may replace: an openpi step (``params/``), ours, or empty."""
+    if (path / PARAMS_KEY).is_dir() or any((path / name).is_file() for name in (PROVENANCE_FILE, MANIFEST_FILE)):
+        return True
+    return next(path.iterdir(), None) is None
 
 
 def _refuse_unusable(target: pathlib.Path, overwrite: bool) -> None:

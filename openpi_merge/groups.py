@@ -46,9 +46,9 @@ def make_groups(merge_plan: plan.Plan, budget_bytes: int) -> tuple[plan.Plan, ..
 def describe(parts: Sequence[plan.Plan], budget_bytes: int, how: str) -> list[str]:
     """Summary lines: the number of groups, and a note on each group over the budget (each a single pair or leaf)."""
     if not budget_bytes:
-        return [f"written in 1 group ({how}: no memory budget)"]
+        return [f"streamed: 1 group, the whole tree ({how}: no memory budget)"]
     budget = f"memory_budget_gb={budget_bytes / GB:.3g}"
-    return [f"written in {len(parts)} groups within {budget} ({how})"] + [
+    return [f"streamed: {len(parts)} groups within {budget} ({how})"] + [
         f"note: {(g.pairs[0].kernel if g.pairs else g.kept[0]).name} needs {nbytes(g) / GB:.3g} GB to restore and "
         f"write, over {budget}: processed alone"
         for g in parts

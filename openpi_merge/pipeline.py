@@ -151,16 +151,20 @@ def _fuse_progress(settings: config.Settings, merge_plan: plan.Plan) -> Callable
     return lambda pair: fused.advance(pair.kernel.name, pair.kernel.nbytes)
 
 
-def write_streamed(
-    settings: config.Settings,
-    given: Input,
-    merge_plan: plan.Plan,
-    staging: commit.Committer,
-    params_dir: storage.AnyPath,
-    outcome: report.Outcome,
-    stop: Stop,
-) -> Written:
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What every step of one merge reads: its settings, input and plan; what it records; when it stops."""
+
+    settings: config.Settings
+    given: Input
+    merge_plan: plan.Plan
+    outcome: report.Outcome
+    stop: Stop
+
+
+def write_streamed(job: Job, staging: commit.Committer, params_dir: storage.AnyPath) -> Written:
     """One process: reads, fuses and writes the output a slice at a time (``stream``), digesting it as it goes."""
+    settings, given, merge_plan, outcome, stop = job.settings, job.given, job.merge_plan, job.outcome, job.stop
     budget, how = _budget(settings)
     limit = budget or sum(leaf.nbytes for leaf in merge_plan.leaves_in + merge_plan.leaves_out)
     inputs = reader.open_inputs(
@@ -189,17 +193,10 @@ def write_streamed(
         digests.close()
 
 
-def write_in_groups(
-    settings: config.Settings,
-    given: Input,
-    merge_plan: plan.Plan,
-    staging: commit.Committer,
-    params_dir: storage.AnyPath,
-    outcome: report.Outcome,
-    stop: Stop,
-) -> Written:
+def write_in_groups(job: Job, staging: commit.Committer, params_dir: storage.AnyPath) -> Written:
     """Several processes: each group restored, fused and written in turn (``groups``); process 0 then digests what
     was written (``_digest_written``)."""
+    settings, given, merge_plan, outcome, stop = job.settings, job.given, job.merge_plan, job.outcome, job.stop
     budget, how = _budget(settings)
     parts = groups.make_groups(merge_plan, budget)
     outcome.details += groups.describe(parts, budget, how)
@@ -322,7 +319,7 @@ def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
         params_dir = step_dir / PARAMS_KEY
         try:
             with stopwatch.phase("write"):
-                written = write(settings, given, merge_plan, committer, params_dir, outcome, stop)
+                written = write(Job(settings, given, merge_plan, outcome, stop), committer, params_dir)
             stop()
             with stopwatch.phase("seal"):
                 outcome.checks, outcome.provenance = written.checks, seal(given, merge_plan, step_dir, target, written)

@@ -35,18 +35,21 @@ def received() -> bool:
 
 
 def hold() -> None:
-    """Blocks the two signals for good: once the run's outcome is decided, a signal stays pending and the process
-    exits with its own code. (Python resets its handlers to the default while it shuts down, so a signal there would
-    kill a run that committed.) The kernel discards pending signals at exit."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    """Ignores the two signals from now on: once the run's outcome is decided, the process exits with its own code.
+    Python resets the handlers it set to the kernel's default while it shuts down (and TensorStore's and XLA's
+    threads take signals too, so blocking them in this thread would not do), which let a signal there kill a run
+    that had committed; an ignored signal it leaves ignored."""
+    for signum in _SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
 def held() -> Iterator[None]:
-    """Blocks the two signals for the block. The mask survives ``execv``: a signal during the huge-pages restart stays
-    pending until the restarted program's ``install`` unblocks it, instead of meeting Python's default handler (a
-    KeyboardInterrupt traceback) while the new interpreter starts."""
-    hold()
+    """Blocks the two signals in this thread for the block (at start-up: the only thread). The mask survives
+    ``execv``: a signal during the huge-pages restart stays pending until the restarted program's ``install``
+    unblocks it, instead of meeting Python's default handler (a KeyboardInterrupt traceback) while the new
+    interpreter starts."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     try:
         yield
     finally:

@@ -31,6 +31,28 @@ def cli_command(model: str, source: object, out: object, *overrides: str) -> lis
     return [sys.executable, "-m", "openpi_merge", *args, *overrides]
 
 
+def merge_args(step: object, out: object, *overrides: str, model: str = "pi0") -> list[str]:
+    """The arguments of a merge of ``step`` into ``out`` with the repo's config for ``model``."""
+    return [f"--config=configs/{model}_lora.py", f"--config.input={step}", f"--config.output={out}", *overrides]
+
+
+def merge(step: object, out: object, *overrides: str, model: str = "pi0", hook: str | None = None):
+    """Runs a merge as a user would (``run_cli``); the CompletedProcess, whatever its exit code."""
+    return run_cli(*merge_args(step, out, *overrides, model=model), hook=hook)
+
+
+def merged(step: object, out: object, *overrides: str, model: str = "pi0") -> subprocess.CompletedProcess:
+    """``merge``, which must succeed."""
+    result = merge(step, out, *overrides, model=model)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def start_merge(step: object, out: object, *overrides: str, model: str = "pi0", hook: str | None = None):
+    """Starts a merge without waiting for it (``start_cli``)."""
+    return start_cli(*merge_args(step, out, *overrides, model=model), hook=hook)
+
+
 def run_cli(*args: str, cwd: pathlib.Path = REPO, hook: str | None = None) -> subprocess.CompletedProcess:
     """Runs ``python -m openpi_merge`` as a user would, from the repo root; ``hook``: a test hook to set."""
     return subprocess.run(

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import STEP_DIR_NAMES, file_hashes, restore_flat, run_cli, write_params
+from helpers import STEP_DIR_NAMES, file_hashes, merge, run_cli, write_params
 
 from openpi_merge import config, errors, plan
 from openpi_merge.testing import synthetic
@@ -23,10 +23,6 @@ def _assert_fails(result, error: type[errors.MergeError], message: str):
     assert message in lines[0], lines[0]
 
 
-def _merge(step, out, *overrides, config="pi0"):
-    return run_cli(f"--config=configs/{config}_lora.py", f"--config.input={step}", f"--config.output={out}", *overrides)
-
-
 def _edited_checkpoint(tmp_path, edit, model="pi0"):
     """A pi0 params checkpoint written by Orbax after ``edit`` changed its flat param dict."""
     flat = traverse_util.flatten_dict(synthetic.make_params(model, "tiny"))
@@ -36,17 +32,17 @@ def _edited_checkpoint(tmp_path, edit, model="pi0"):
 
 
 def test_missing_input(tmp_path):
-    _assert_fails(_merge(tmp_path / "nope", tmp_path / "out"), errors.InputError, "does not exist")
+    _assert_fails(merge(tmp_path / "nope", tmp_path / "out"), errors.InputError, "does not exist")
 
 
 def test_not_an_orbax_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
-    _assert_fails(_merge(tmp_path / "empty", tmp_path / "out"), errors.InputError, "is not an Orbax checkpoint")
+    _assert_fails(merge(tmp_path / "empty", tmp_path / "out"), errors.InputError, "is not an Orbax checkpoint")
 
 
 def test_checkpoint_dir_instead_of_a_step_dir(tiny_checkpoint, tmp_path):
     step = tiny_checkpoint("pi0")
-    _assert_fails(_merge(step.parent, tmp_path / "out"), errors.InputError, f"pass one, e.g. {step}")
+    _assert_fails(merge(step.parent, tmp_path / "out"), errors.InputError, f"pass one, e.g. {step}")
 
 
 @pytest.mark.parametrize(
@@ -55,7 +51,7 @@ def test_checkpoint_dir_instead_of_a_step_dir(tiny_checkpoint, tmp_path):
 def test_unfinished_orbax_save(tiny_checkpoint, tmp_path, name):
     unfinished = tmp_path / name
     shutil.copytree(tiny_checkpoint("pi0"), unfinished)
-    _assert_fails(_merge(unfinished, tmp_path / "out"), errors.InputError, "unfinished Orbax save")
+    _assert_fails(merge(unfinished, tmp_path / "out"), errors.InputError, "unfinished Orbax save")
     assert not (tmp_path / "out").exists()
 
 
@@ -63,12 +59,12 @@ def test_step_dir_whose_params_save_did_not_finish(tiny_checkpoint, tmp_path):
     step = tmp_path / "1000"
     shutil.copytree(tiny_checkpoint("pi0"), step)
     (step / "params").rename(step / "params.orbax-checkpoint-tmp-1712")
-    result = _merge(step, tmp_path / "out")
+    result = merge(step, tmp_path / "out")
     _assert_fails(result, errors.InputError, "params.orbax-checkpoint-tmp-1712 is an unfinished")
 
 
 def test_missing_reference_is_called_the_reference(tiny_checkpoint, tmp_path):
-    result = _merge(tiny_checkpoint("pi0"), tmp_path / "out", f"--config.reference={tmp_path / 'base'}")
+    result = merge(tiny_checkpoint("pi0"), tmp_path / "out", f"--config.reference={tmp_path / 'base'}")
     _assert_fails(result, errors.InputError, f"reference {tmp_path / 'base'} does not exist")
 
 
@@ -81,19 +77,19 @@ def test_damaged_checkpoint(tiny_checkpoint, tmp_path, damage):
             data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     else:
         (step / "params" / "_METADATA").write_text('{"tree_metadata": {')
-    result = _merge(step, tmp_path / "out")
+    result = merge(step, tmp_path / "out")
     _assert_fails(result, errors.InputError, "cannot read checkpoint")
     assert not (tmp_path / "out").exists()
 
 
 def test_no_lora_leaves(tiny_checkpoint, tmp_path):
-    assert _merge(tiny_checkpoint("pi0"), tmp_path / "merged").returncode == 0
-    _assert_fails(_merge(tmp_path / "merged", tmp_path / "again"), errors.PlanError, "no LoRA leaves")
+    assert merge(tiny_checkpoint("pi0"), tmp_path / "merged").returncode == 0
+    _assert_fails(merge(tmp_path / "merged", tmp_path / "again"), errors.PlanError, "no LoRA leaves")
 
 
 def test_lora_factor_without_its_partner(tmp_path):
     step = _edited_checkpoint(tmp_path, lambda flat: flat.pop((*LLM, "attn", "q_einsum", "lora_b")))
-    _assert_fails(_merge(step, tmp_path / "out"), errors.PlanError, "q_einsum/lora_a has no partner")
+    _assert_fails(merge(step, tmp_path / "out"), errors.PlanError, "q_einsum/lora_a has no partner")
 
 
 def test_lora_leaves_on_a_module_openpi_has_no_lora_for(tmp_path):
@@ -103,7 +99,7 @@ def test_lora_leaves_on_a_module_openpi_has_no_lora_for(tmp_path):
 
     step = _edited_checkpoint(tmp_path, add_stray)
     _assert_fails(
-        _merge(step, tmp_path / "out"), errors.PlanError, "action_in_proj/lora_a is a LoRA leaf with no kernel"
+        merge(step, tmp_path / "out"), errors.PlanError, "action_in_proj/lora_a is a LoRA leaf with no kernel"
     )
 
 
@@ -113,17 +109,17 @@ def test_misshapen_lora_factor(tmp_path):
         flat[path] = flat[path][..., :-1]
 
     step = _edited_checkpoint(tmp_path, misshape)
-    _assert_fails(_merge(step, tmp_path / "out"), errors.PlanError, "mlp_1/linear_lora_b has shape")
+    _assert_fails(merge(step, tmp_path / "out"), errors.PlanError, "mlp_1/linear_lora_b has shape")
 
 
 def test_rank_differs_from_the_named_variant(tiny_checkpoint, tmp_path):
     step = tiny_checkpoint("pi0")
     # The action expert was trained with rank 32; gemma_2b_lora's stock rank is 16.
-    result = _merge(step, tmp_path / "out", "--config.action_expert.variant=gemma_2b_lora")
+    result = merge(step, tmp_path / "out", "--config.action_expert.variant=gemma_2b_lora")
     _assert_fails(result, errors.PlanError, "has LoRA rank 32 but action_expert.variant=gemma_2b_lora has attn rank 16")
     assert "--config.action_expert.alpha=ALPHA" in result.stderr
     assert "alpha=32" not in result.stderr  # No guessed alpha: alpha = rank would be 2x off for a changed rank alone.
-    explicit = _merge(
+    explicit = merge(
         step, tmp_path / "out", "--config.action_expert.variant=gemma_2b_lora", "--config.action_expert.alpha=32"
     )
     assert explicit.returncode == 0, explicit.stderr
@@ -134,7 +130,7 @@ def test_non_finite_values(tmp_path):
         flat[(*LLM, "attn", "attn_vec_einsum", "lora_a")][0, 0, 0, 0] = np.nan
 
     step = _edited_checkpoint(tmp_path, poison)
-    result = _merge(step, tmp_path / "out")
+    result = merge(step, tmp_path / "out")
     _assert_fails(result, errors.NumericsError, "attn_vec_einsum/w produced NaN or Inf")
     assert not (tmp_path / "out").exists()
 
@@ -143,9 +139,9 @@ def test_output_exists_unless_overwrite(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     (out / "params").mkdir(parents=True)  # An older checkpoint there.
     (out / "keep.txt").write_text("mine")
-    _assert_fails(_merge(tiny_checkpoint("pi0"), out), errors.OutputError, "already exists")
+    _assert_fails(merge(tiny_checkpoint("pi0"), out), errors.OutputError, "already exists")
     assert (out / "keep.txt").read_text() == "mine"
-    assert _merge(tiny_checkpoint("pi0"), out, "--config.overwrite=True").returncode == 0
+    assert merge(tiny_checkpoint("pi0"), out, "--config.overwrite=True").returncode == 0
     assert sorted(p.name for p in out.iterdir()) == STEP_DIR_NAMES
 
 
@@ -153,19 +149,19 @@ def test_output_inside_input(tiny_checkpoint, tmp_path):
     step = tmp_path / "step"
     shutil.copytree(tiny_checkpoint("pi0"), step)
     before = file_hashes(step)
-    _assert_fails(_merge(step, step / "merged"), errors.OutputError, "lies inside the input")
-    _assert_fails(_merge(step, tmp_path, "--config.overwrite=True"), errors.OutputError, "contains the input")
+    _assert_fails(merge(step, step / "merged"), errors.OutputError, "lies inside the input")
+    _assert_fails(merge(step, tmp_path, "--config.overwrite=True"), errors.OutputError, "contains the input")
     assert file_hashes(step) == before
 
 
 def test_action_expert_lora_with_a_single_expert_config(tiny_checkpoint, tmp_path):
-    result = _merge(tiny_checkpoint("pi0"), tmp_path / "out", config="pi0_fast")
+    result = merge(tiny_checkpoint("pi0"), tmp_path / "out", model="pi0_fast")
     _assert_fails(result, errors.PlanError, "the checkpoint is a pi0 model")
     assert "use --config=pi0_lora" in result.stderr
 
 
 def test_variant_without_lora_for_an_expert_that_has_it(tiny_checkpoint, tmp_path):
-    result = _merge(tiny_checkpoint("pi0"), tmp_path / "out", "--config.paligemma.variant=gemma_2b")
+    result = merge(tiny_checkpoint("pi0"), tmp_path / "out", "--config.paligemma.variant=gemma_2b")
     _assert_fails(result, errors.PlanError, "use --config.paligemma.variant=gemma_2b_lora")
 
 
@@ -186,7 +182,7 @@ def test_variant_without_lora_for_an_expert_that_has_it(tiny_checkpoint, tmp_pat
     ],
 )
 def test_bad_config(tiny_checkpoint, tmp_path, override, message):
-    _assert_fails(_merge(tiny_checkpoint("pi0"), tmp_path / "out", override), errors.ConfigError, message)
+    _assert_fails(merge(tiny_checkpoint("pi0"), tmp_path / "out", override), errors.ConfigError, message)
 
 
 def test_missing_config_fields_and_files(tmp_path):
@@ -198,7 +194,7 @@ def test_missing_config_fields_and_files(tmp_path):
 
 def test_a_config_error_still_writes_the_report(tiny_checkpoint, tmp_path):
     report = tmp_path / "report.json"
-    result = _merge(tiny_checkpoint("pi0"), tmp_path / "out", "--config.dtype=float16", f"--config.report={report}")
+    result = merge(tiny_checkpoint("pi0"), tmp_path / "out", "--config.dtype=float16", f"--config.report={report}")
     _assert_fails(result, errors.ConfigError, "dtype='float16' is not one of")
     document = json.loads(report.read_text())
     assert document["exit_code"] == errors.ConfigError.exit_code
@@ -223,7 +219,7 @@ def test_inspect_and_the_merge_refuse_the_same_unmergeable_pair(tmp_path, edit, 
     inspected = run_cli("--config=configs/pi0_lora.py", f"--config.input={step}", "--config.mode=inspect", *overrides)
     assert inspected.returncode == errors.PlanError.exit_code, inspected.stdout
     assert message in inspected.stdout
-    _assert_fails(_merge(step, tmp_path / "out", *overrides), errors.PlanError, message)
+    _assert_fails(merge(step, tmp_path / "out", *overrides), errors.PlanError, message)
     assert not (tmp_path / "out").exists()
 
 
@@ -271,7 +267,7 @@ def test_huge_finite_factors_are_called_an_overflow_not_non_finite_input(tmp_pat
             flat[path] = np.full_like(flat[path], 1e30)
 
     step = _edited_checkpoint(tmp_path, inflate)
-    result = _merge(step, tmp_path / "out")
+    result = merge(step, tmp_path / "out")
     _assert_fails(result, errors.NumericsError, "attn_vec_einsum/w")
     assert "overflow" in result.stderr
     assert "holds non-finite values" not in result.stderr
@@ -303,7 +299,7 @@ def test_a_corrupt_chunk_of_a_lora_factor_is_exit_3_naming_it(tiny_checkpoint, t
             return json.dumps(zarray).encode()
 
         _rewrite_key(step / "params", f"{factor}/.zarray", claim_more)
-    result = _merge(step, tmp_path / "out")
+    result = merge(step, tmp_path / "out")
     _assert_fails(result, errors.InputError, "at parameter PaliGemma/llm/layers/attn/q_einsum/lora_a")
     assert not (tmp_path / "out").exists()
 
@@ -317,7 +313,7 @@ def test_an_input_whose_params_files_are_links_merges_like_a_copy(tiny_checkpoin
     for index, data in enumerate(sorted(p for p in (step / "params").rglob("*") if p.is_file())):
         shutil.move(data, blobs / str(index))
         data.symlink_to(blobs / str(index))
-    linked, plain = _merge(step, tmp_path / "linked"), _merge(tiny_checkpoint("pi0"), tmp_path / "plain")
+    linked, plain = merge(step, tmp_path / "linked"), merge(tiny_checkpoint("pi0"), tmp_path / "plain")
     assert linked.returncode == plain.returncode == 0, linked.stderr
     manifests = [json.loads((tmp_path / out / "openpi_merge_manifest.json").read_text()) for out in ("linked", "plain")]
     assert manifests[0]["params"] == manifests[1]["params"]

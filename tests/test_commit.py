@@ -6,28 +6,18 @@ import shutil
 import signal
 
 import pytest
-from helpers import error_line, run_cli, start_cli, tree_hashes, wait_for
+from helpers import error_line, merge, run_cli, start_merge, tree_hashes, wait_for
 
 from openpi_merge import commit, errors
 
 MANIFEST = "openpi_merge_manifest.json"
 
 
-def _merge(step, out, *overrides, hook=None):
-    args = (f"--config.input={step}", f"--config.output={out}", *overrides)
-    return run_cli("--config=configs/pi0_lora.py", *args, hook=hook)
-
-
-def _start(step, out, *overrides, hook=None):
-    args = (f"--config.input={step}", f"--config.output={out}", *overrides)
-    return start_cli("--config=configs/pi0_lora.py", *args, hook=hook)
-
-
 @pytest.fixture
 def old_output(tiny_checkpoint, tmp_path):
     """A finished output written in float32: its bytes differ from those of a default (bfloat16) merge."""
     out = tmp_path / "out"
-    result = _merge(tiny_checkpoint("pi0"), out, "--config.dtype=float32")
+    result = merge(tiny_checkpoint("pi0"), out, "--config.dtype=float32")
     assert result.returncode == 0, result.stderr
     return out, tree_hashes(out)
 
@@ -52,13 +42,13 @@ def test_a_failed_block_leaves_nothing_beside_the_output(tmp_path):
 def test_stale_staging_dirs_of_killed_runs_are_removed_by_the_next_run(tiny_checkpoint, tmp_path):
     for stale in (".out.openpi-merge-staging-deadbeef", ".out.openpi-merge-tmp-0badf00d"):  # Ours, and 0.1's.
         (tmp_path / stale / "params").mkdir(parents=True)
-    assert _merge(tiny_checkpoint("pi0"), tmp_path / "out").returncode == 0
+    assert merge(tiny_checkpoint("pi0"), tmp_path / "out").returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_a_kill_right_after_the_exchange_leaves_the_new_output_complete(tiny_checkpoint, old_output, tmp_path):
     out, old = old_output
-    killed = _merge(tiny_checkpoint("pi0"), out, "--config.overwrite=True", hook="after-exchange:kill")
+    killed = merge(tiny_checkpoint("pi0"), out, "--config.overwrite=True", hook="after-exchange:kill")
     assert killed.returncode == -signal.SIGKILL
     assert tree_hashes(out) != old
     _check(out)  # The new output, complete: it matches the manifest written with it.
@@ -66,7 +56,7 @@ def test_a_kill_right_after_the_exchange_leaves_the_new_output_complete(tiny_che
     assert len(left) == 1
     assert left.pop().startswith(".out.openpi-merge-staging-")  # The old output, now garbage.
 
-    rerun = _merge(tiny_checkpoint("pi0"), out, "--config.overwrite=True")
+    rerun = merge(tiny_checkpoint("pi0"), out, "--config.overwrite=True")
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -74,12 +64,12 @@ def test_a_kill_right_after_the_exchange_leaves_the_new_output_complete(tiny_che
 def test_a_kill_between_the_two_renames_keeps_the_old_output_for_the_next_run(tiny_checkpoint, old_output, tmp_path):
     out, old = old_output
     hook = "swap:fallback,after-retire:kill"
-    killed = _merge(tiny_checkpoint("pi0"), out, "--config.overwrite=True", hook=hook)
+    killed = merge(tiny_checkpoint("pi0"), out, "--config.overwrite=True", hook=hook)
     assert killed.returncode == -signal.SIGKILL
     assert not out.exists()
     assert tree_hashes(tmp_path / ".out.openpi-merge-previous") == old
 
-    refused = _merge(tiny_checkpoint("pi0"), out)  # No overwrite: the old output comes back and is kept.
+    refused = merge(tiny_checkpoint("pi0"), out)  # No overwrite: the old output comes back and is kept.
     error_line(refused.returncode, refused.stderr, errors.OutputError.exit_code, "already exists")
     assert tree_hashes(out) == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -87,7 +77,7 @@ def test_a_kill_between_the_two_renames_keeps_the_old_output_for_the_next_run(ti
 
 def test_the_fallback_swap_replaces_an_output(tiny_checkpoint, old_output, tmp_path):
     out, old = old_output
-    result = _merge(tiny_checkpoint("pi0"), out, "--config.overwrite=True", hook="swap:fallback")
+    result = merge(tiny_checkpoint("pi0"), out, "--config.overwrite=True", hook="swap:fallback")
     assert result.returncode == 0, result.stderr
     assert tree_hashes(out) != old
     _check(out)
@@ -96,12 +86,12 @@ def test_the_fallback_swap_replaces_an_output(tiny_checkpoint, old_output, tmp_p
 
 def test_a_second_run_for_the_same_output_exits_6_naming_the_first(tiny_checkpoint, tmp_path):
     step, out, gate = tiny_checkpoint("pi0"), tmp_path / "out", tmp_path.parent / f"{tmp_path.name}-gate"
-    first = _start(step, out, "--config.overwrite=True", hook=f"staging-ready:wait:{gate}")
+    first = start_merge(step, out, "--config.overwrite=True", hook=f"staging-ready:wait:{gate}")
     try:
         wait_for(gate.with_name(gate.name + ".reached"), first)
         (staging,) = tmp_path.glob(".out.openpi-merge-staging-*")
         before = tree_hashes(staging)
-        second = _merge(step, out, "--config.overwrite=True")
+        second = merge(step, out, "--config.overwrite=True")
         line = error_line(second.returncode, second.stderr, errors.OutputError.exit_code, "is being written by")
         assert f"pid {first.pid} " in line
         assert tree_hashes(staging) == before
@@ -114,7 +104,7 @@ def test_a_second_run_for_the_same_output_exits_6_naming_the_first(tiny_checkpoi
 
 def test_an_output_that_appears_during_the_run_is_not_replaced(tiny_checkpoint, tmp_path):
     step, out, gate = tiny_checkpoint("pi0"), tmp_path / "out", tmp_path.parent / f"{tmp_path.name}-gate"
-    run = _start(step, out, hook=f"staging-ready:wait:{gate}")
+    run = start_merge(step, out, hook=f"staging-ready:wait:{gate}")
     wait_for(gate.with_name(gate.name + ".reached"), run)
     out.mkdir()
     (out / "mine.txt").write_text("someone else's")
@@ -127,10 +117,10 @@ def test_an_output_that_appears_during_the_run_is_not_replaced(tiny_checkpoint, 
 
 
 def test_the_lock_dies_with_its_process(tiny_checkpoint, tmp_path):
-    killed = _merge(tiny_checkpoint("pi0"), tmp_path / "out", hook="staging-ready:kill")
+    killed = merge(tiny_checkpoint("pi0"), tmp_path / "out", hook="staging-ready:kill")
     assert killed.returncode == -signal.SIGKILL
     assert (tmp_path / ".out.openpi-merge.lock").exists()  # Left behind, but no longer locked by anyone.
-    rerun = _merge(tiny_checkpoint("pi0"), tmp_path / "out")
+    rerun = merge(tiny_checkpoint("pi0"), tmp_path / "out")
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -146,10 +136,10 @@ def test_the_lock_file_names_its_holder(tmp_path):
 
 def test_a_glob_in_the_output_name_leaves_another_runs_staging_alone(tiny_checkpoint, tmp_path):
     gate = tmp_path / "gate"
-    other = _start(tiny_checkpoint("pi0"), tmp_path / "ckpt1", hook=f"staging-ready:wait:{gate}")
+    other = start_merge(tiny_checkpoint("pi0"), tmp_path / "ckpt1", hook=f"staging-ready:wait:{gate}")
     wait_for(tmp_path / "gate.reached", other)
     for name in ("ckpt[1]", "ckpt?", "ckpt*"):
-        result = _merge(tiny_checkpoint("pi0"), tmp_path / name)
+        result = merge(tiny_checkpoint("pi0"), tmp_path / name)
         assert result.returncode == 0, result.stderr
     assert [p.name for p in tmp_path.glob(".ckpt1.openpi-merge-staging-*")], "the live run's staging dir is gone"
     gate.touch()
@@ -162,20 +152,20 @@ def test_overwrite_replaces_only_a_checkpoint(tiny_checkpoint, tmp_path):
     users = tmp_path / "work"
     users.mkdir()
     (users / "notes.txt").write_text("mine")
-    result = _merge(tiny_checkpoint("pi0"), users, "--config.overwrite=True")
+    result = merge(tiny_checkpoint("pi0"), users, "--config.overwrite=True")
     error_line(result.returncode, result.stderr, errors.OutputError.exit_code, "holds no checkpoint")
     assert [p.name for p in users.iterdir()] == ["notes.txt"]
 
 
 def test_an_output_under_a_regular_file_is_named_as_such(tiny_checkpoint, tmp_path):
     (tmp_path / "file").write_text("")
-    result = _merge(tiny_checkpoint("pi0"), tmp_path / "file" / "out")
+    result = merge(tiny_checkpoint("pi0"), tmp_path / "file" / "out")
     error_line(result.returncode, result.stderr, errors.OutputError.exit_code, "which is a file, not a directory")
 
 
 def test_an_output_name_of_225_characters_merges(tiny_checkpoint, tmp_path):
     out = tmp_path / ("m" * 225)
-    result = _merge(tiny_checkpoint("pi0"), out)
+    result = merge(tiny_checkpoint("pi0"), out)
     assert result.returncode == 0, result.stderr
     _check(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
@@ -191,7 +181,7 @@ def test_a_report_path_inside_the_input_or_the_output_is_refused(tiny_checkpoint
         "output-manifest": out / "openpi_merge_manifest.json",
         "beside-the-output": tmp_path / ".out.openpi-merge.lock",
     }[where]
-    result = _merge(step, out, f"--config.report={report}")
+    result = merge(step, out, f"--config.report={report}")
     error_line(result.returncode, result.stderr, errors.ConfigError.exit_code, "report=")
     assert tree_hashes(step) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input"]

@@ -14,15 +14,10 @@ import sys
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import REPO, error_line, run_cli, start_cli, tree_hashes, wait_for, write_params
+from helpers import REPO, error_line, merge, start_cli, tree_hashes, wait_for, write_params
 
 from openpi_merge import errors
 from openpi_merge.testing import synthetic
-
-
-def _merge(step, out, *overrides, hook=None):
-    args = (f"--config.input={step}", f"--config.output={out}", *overrides)
-    return run_cli("--config=configs/pi0_lora.py", *args, hook=hook)
 
 
 def _mount(*args: str) -> None:
@@ -64,7 +59,7 @@ def _assert_nothing_written(parent, input_copy, keep=()):
 
 def _assert_rerun_succeeds(input_copy, out, *overrides, keep=()):
     """Once the fault is gone, the same merge succeeds and leaves nothing but its output beside it."""
-    result = _merge(input_copy[0], out, *overrides)
+    result = merge(input_copy[0], out, *overrides)
     assert result.returncode == 0, result.stderr
     _assert_nothing_written(out.parent, input_copy, keep=[out.name, *keep])
 
@@ -73,7 +68,7 @@ def test_too_little_free_space_is_refused_before_any_array_is_read(mounts, input
     disk = tmp_path / "disk"
     disk.mkdir()
     mounts("-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk))
-    result = _merge(input_copy[0], disk / "out")
+    result = merge(input_copy[0], disk / "out")
     line = error_line(result.returncode, result.stderr, errors.EnvironmentFaultError.exit_code, "not enough free space")
     assert str(disk / "out") in line
     assert "restore" not in result.stdout + result.stderr
@@ -111,7 +106,7 @@ def test_a_read_only_output_directory_is_refused_before_the_merge(mounts, input_
     readonly.mkdir()
     mounts("--bind", str(readonly), str(readonly))
     mounts("-o", "remount,ro,bind", str(readonly))
-    result = _merge(input_copy[0], readonly / "out")
+    result = merge(input_copy[0], readonly / "out")
     line = error_line(result.returncode, result.stderr, errors.EnvironmentFaultError.exit_code, "read-only filesystem")
     assert str(readonly) in line
     assert "fuse:" not in result.stderr
@@ -148,7 +143,7 @@ def test_an_output_that_is_the_input_bind_mounted_is_refused(mounts, input_copy,
     out = tmp_path / "out"
     out.mkdir()
     mounts("--bind", str(input_copy[0]), str(out))
-    result = _merge(input_copy[0], out, "--config.overwrite=True")
+    result = merge(input_copy[0], out, "--config.overwrite=True")
     error_line(result.returncode, result.stderr, errors.OutputError.exit_code, "is the input")
     step, before = input_copy
     assert tree_hashes(step) == before
@@ -161,7 +156,7 @@ def test_a_mount_point_as_output_cannot_be_replaced(mounts, input_copy, tmp_path
     out.mkdir()
     mounts("-t", "tmpfs", "-o", "size=8m", "tmpfs", str(out))
     (out / "params").mkdir()  # An old checkpoint, which overwrite may replace, but not at a mount point.
-    result = _merge(input_copy[0], out, "--config.overwrite=True")
+    result = merge(input_copy[0], out, "--config.overwrite=True")
     error_line(result.returncode, result.stderr, errors.EnvironmentFaultError.exit_code, "is a mount point")
     assert [p.name for p in out.iterdir()] == ["params"]
 
@@ -177,7 +172,7 @@ def test_a_symlink_in_assets_is_refused_and_nothing_outside_the_input_is_read(in
     else:
         (assets / "loop").symlink_to(assets / "loop")
     before = tree_hashes(step)
-    result = _merge(step, tmp_path / "merged")
+    result = merge(step, tmp_path / "merged")
     error_line(result.returncode, result.stderr, errors.InputError.exit_code, "is a symbolic link")
     assert not (tmp_path / "merged").exists()
     assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
@@ -189,7 +184,7 @@ def test_a_symlink_in_assets_is_refused_and_nothing_outside_the_input_is_read(in
 
 def test_a_report_path_that_is_a_directory_is_refused_before_the_merge(input_copy, tmp_path):
     (tmp_path / "report").mkdir()
-    result = _merge(input_copy[0], tmp_path / "merged", f"--config.report={tmp_path / 'report'}")
+    result = merge(input_copy[0], tmp_path / "merged", f"--config.report={tmp_path / 'report'}")
     error_line(result.returncode, result.stderr, errors.ConfigError.exit_code, "is a directory: name a file")
     assert not (tmp_path / "merged").exists()
     report = tmp_path / "report" / "merge.json"
@@ -204,7 +199,7 @@ def test_nan_in_a_kept_leaf_exits_5_naming_it(tmp_path, mode):
     flat[path] = np.asarray(flat[path]).copy()
     flat[path].reshape(-1)[3] = np.nan
     write_params(tmp_path / "nan" / "params", flat)
-    result = _merge(tmp_path / "nan", tmp_path / "merged", *mode)
+    result = merge(tmp_path / "nan", tmp_path / "merged", *mode)
     error_line(result.returncode, result.stderr, errors.NumericsError.exit_code, "PaliGemma/img/embedding/kernel")
     assert not (tmp_path / "merged").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan"]
@@ -218,7 +213,7 @@ def test_a_report_on_a_full_disk_commits_nothing_and_a_rerun_succeeds(mounts, in
     with filler.open("wb") as f:
         os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free)
     report = disk / "merge.json"
-    result = _merge(input_copy[0], tmp_path / "merged", f"--config.report={report}")
+    result = merge(input_copy[0], tmp_path / "merged", f"--config.report={report}")
     error_line(result.returncode, result.stderr, errors.EnvironmentFaultError.exit_code, "no space left")
     _assert_nothing_written(tmp_path, input_copy, keep=["input", "disk"])
     assert sorted(p.name for p in disk.iterdir()) == ["filler"]
@@ -229,17 +224,17 @@ def test_a_report_on_a_full_disk_commits_nothing_and_a_rerun_succeeds(mounts, in
 
 def test_an_old_output_that_cannot_be_removed_is_named_and_blocks_no_later_run(mounts, input_copy, tmp_path):
     out = tmp_path / "merged"
-    assert _merge(input_copy[0], out).returncode == 0
+    assert merge(input_copy[0], out).returncode == 0
     stuck = out / "stuck"
     stuck.mkdir()
     mounts("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(stuck))  # rmtree cannot remove a mount point (EBUSY).
-    replaced = _merge(input_copy[0], out, "--config.overwrite=True")
+    replaced = merge(input_copy[0], out, "--config.overwrite=True")
     assert replaced.returncode == 0, replaced.stderr
     assert "could not remove" in replaced.stdout
     assert "remove it by hand" in replaced.stdout
     left = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.openpi-merge-staging-")]
     assert len(left) == 1
     assert str(left[0]) in replaced.stdout
-    again = _merge(input_copy[0], out, "--config.overwrite=True")
+    again = merge(input_copy[0], out, "--config.overwrite=True")
     assert again.returncode == 0, again.stderr
     assert (out / "params").is_dir()

@@ -72,7 +72,7 @@ def _assert_finished_step(emulator, prefix: str, local_step) -> None:
     names = _names(emulator, prefix)
     assert set(MARKERS) <= set(names)
     assert objectstore_commit.CLAIM not in names
-    assert not [n for n in names if n.startswith(storage.ORBAX_COMMIT_DIR)], names
+    assert not [n for n in names if n.startswith(objectstore_commit.ORBAX_COMMIT_DIR)], names
     assets = sorted(p.relative_to(local_step).as_posix() for p in (local_step / "assets").rglob("*") if p.is_file())
     assert assets
     for name in assets:
@@ -217,7 +217,7 @@ def test_an_interrupted_bucket_save_is_refused(gcs, tiny_checkpoint, tmp_path, l
     _assert_fails(_merge_result(unfinished, tmp_path / "merged"), errors.InputError, "is an unfinished save")
 
 
-def test_a_rerun_after_a_killed_swap_restores_the_complete_copy_before_deleting_it(gcs, gs_merge):
+def test_a_rerun_after_a_killed_swap_restores_the_complete_copy_before_deleting_it(gcs, gs_merge, gcs_checkpoint):
     out, prefix = _gs("merged", "swapped"), "merged/swapped"
     staging = epath.Path(_gs("merged", f".swapped{objectstore_commit._STAGING}0badf00d"))
     names = storage.objects(epath.Path(gs_merge))
@@ -226,7 +226,7 @@ def test_a_rerun_after_a_killed_swap_restores_the_complete_copy_before_deleting_
     storage.copy_objects(epath.Path(gs_merge), epath.Path(out), unfinished)
     (epath.Path(out) / objectstore_commit.CLAIM).write_text("0badf00d")
 
-    result = _merge_result(gs_merge, out)  # No overwrite: after the repair the output exists again.
+    result = _merge_result(gcs_checkpoint(MODEL), out)  # No overwrite: after the repair the output exists again.
     _assert_fails(result, errors.OutputError, "already holds a finished checkpoint (restored")
     assert set(MARKERS) <= set(_names(gcs, prefix))
     assert not _names(gcs, f"merged/.swapped{objectstore_commit._STAGING}0badf00d"), "the staging copy was kept"

@@ -384,3 +384,33 @@ def test_a_merge_with_stderr_closed_still_merges(tiny_checkpoint, tmp_path):
     result = subprocess.run(closed, cwd=REPO, env=env, stdout=subprocess.PIPE, timeout=600, check=False)
     assert result.returncode == 0
     assert (tmp_path / "out" / "params").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("mesh", "fsdp", "is not NAME=SIZE"),
+        ("mesh", "fsdp=0", "is not NAME=SIZE"),
+        ("mesh", "fsdp=-1,tp=-1", "only one axis may be -1"),
+        ("mesh", "fsdp=2,fsdp=2", "names an axis twice"),
+        ("distributed.enabled", True, "needs a mesh"),
+        ("memory_budget_gb", "-1", "must be auto, none, or a positive finite number"),
+    ],
+)
+def test_bad_scale_config(field, value, message):
+    cfg = config.make_config("pi0")
+    cfg.input, cfg.output = "in", "out"
+    node, _, leaf = field.rpartition(".")
+    (cfg[node] if node else cfg)[leaf] = value
+    with pytest.raises(errors.ConfigError, match=message):
+        config.read_settings(cfg)
+
+
+def test_nested_phases_count_each_second_once(monkeypatch):
+    clock = iter([0.0, 1.0, 3.0, 6.0, 10.0])  # save runs 1..10; restore runs 3..6 inside it.
+    monkeypatch.setattr(summary.time, "perf_counter", lambda: next(clock))
+    stopwatch = summary.Stopwatch()
+    with stopwatch.phase("save"), stopwatch.phase("restore"):
+        pass
+    assert stopwatch.seconds == {"save": 6.0, "restore": 3.0}
+    assert stopwatch.total == 9.0

@@ -5,20 +5,16 @@ import signal
 import time
 
 import pytest
-from helpers import error_line, file_hashes, start_cli, wait_for
+from helpers import error_line, file_hashes, start_cli, start_merge, wait_for
 
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-def _start(step, out, hook=None):
-    return start_cli("--config=configs/pi0_lora.py", f"--config.input={step}", f"--config.output={out}", hook=hook)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_while_the_output_is_staged_commits_nothing(tiny_checkpoint, tmp_path, signum):
     step, out, gate = tiny_checkpoint("pi0"), tmp_path / "out", tmp_path.parent / f"{tmp_path.name}-gate"
     before = file_hashes(step)
-    run = _start(step, out, hook=f"staging-ready:wait:{gate}")
+    run = start_merge(step, out, hook=f"staging-ready:wait:{gate}")
     wait_for(gate.with_name(gate.name + ".reached"), run)
     run.send_signal(signum)
     time.sleep(0.2)
@@ -27,7 +23,7 @@ def test_a_signal_while_the_output_is_staged_commits_nothing(tiny_checkpoint, tm
     error_line(run.returncode, stderr, EXIT[signum], f"interrupted by {signum.name}: nothing was committed")
     assert list(tmp_path.iterdir()) == []
     assert file_hashes(step) == before
-    rerun = _start(step, out)
+    rerun = start_merge(step, out)
     _, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -35,7 +31,7 @@ def test_a_signal_while_the_output_is_staged_commits_nothing(tiny_checkpoint, tm
 
 @pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
 def test_a_sigint_at_any_moment_leaves_either_nothing_or_a_complete_output(tiny_checkpoint, tmp_path, delay):
-    run = _start(tiny_checkpoint("pi0"), tmp_path / "out")
+    run = start_merge(tiny_checkpoint("pi0"), tmp_path / "out")
     time.sleep(delay)
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=300)
@@ -48,7 +44,7 @@ def test_a_sigint_at_any_moment_leaves_either_nothing_or_a_complete_output(tiny_
 
 def test_a_sigterm_just_before_the_commit_keeps_the_old_output(tiny_checkpoint, tmp_path):
     step, out = tiny_checkpoint("pi0"), tmp_path / "out"
-    first = _start(step, out)
+    first = start_merge(step, out)
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
     old = file_hashes(out)
@@ -68,7 +64,7 @@ def test_a_sigterm_just_before_the_commit_keeps_the_old_output(tiny_checkpoint, 
 
 @pytest.mark.parametrize("delay", [0.0, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3])
 def test_a_sigint_during_start_up_is_one_line_never_a_traceback(tiny_checkpoint, tmp_path, delay):
-    run = _start(tiny_checkpoint("pi0"), tmp_path / "out")
+    run = start_merge(tiny_checkpoint("pi0"), tmp_path / "out")
     time.sleep(delay)
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=300)
@@ -83,7 +79,7 @@ def test_a_sigint_during_start_up_is_one_line_never_a_traceback(tiny_checkpoint,
 
 def test_sigints_after_the_commit_leave_exit_0_and_the_output_complete(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
-    run = _start(tiny_checkpoint("pi0"), out)
+    run = start_merge(tiny_checkpoint("pi0"), out)
     wait_for(out, run)  # Renamed into place: committed.
     sent = 0
     while run.poll() is None and sent < 2000:  # Through the summary and the interpreter's shutdown.

@@ -1,4 +1,4 @@
-"""The stream of slices (``stream``, ``slices``, ``memory``): blocks, bit-identity across budgets, peak memory."""
+"""The stream of slices (``stream``, ``reader``, ``writer``, ``memory``): blocks, bit-identity, peak memory."""
 
 import json
 

@@ -6,17 +6,13 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import restore_flat, run_cli
+from helpers import merge, restore_flat, run_cli
 
 from openpi_merge import checkpoint, config, errors, fuse, plan, sharding
 
 
-def _run(step, out, *overrides, model="pi0"):
-    return run_cli(f"--config=configs/{model}_lora.py", f"--config.input={step}", f"--config.output={out}", *overrides)
-
-
 def test_inspect_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path):
-    result = _run(tiny_checkpoint("pi0"), tmp_path / "out", "--config.mode=inspect")
+    result = merge(tiny_checkpoint("pi0"), tmp_path / "out", "--config.mode=inspect")
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "out").exists()
     for kernel in ("attn/q_einsum/w", "attn/kv_einsum_1/w", "attn/attn_vec_einsum/w", "mlp_1/gating_einsum"):
@@ -42,11 +38,11 @@ def test_inspect_lists_every_problem_and_fails(tiny_checkpoint, tmp_path):
 
 
 def test_summary_reports_verification_per_module_kind(tiny_checkpoint, tmp_path):
-    verified = _run(tiny_checkpoint("pi0"), tmp_path / "a")
+    verified = merge(tiny_checkpoint("pi0"), tmp_path / "a")
     assert verified.returncode == 0, verified.stderr
     assert "worst rel. error" in verified.stdout
     assert "not verified" not in verified.stdout
-    skipped = _run(tiny_checkpoint("pi0"), tmp_path / "b", "--config.verify=False")
+    skipped = merge(tiny_checkpoint("pi0"), tmp_path / "b", "--config.verify=False")
     assert skipped.returncode == 0, skipped.stderr
     assert "not verified" in skipped.stdout
     assert restore_flat(tmp_path / "a" / "params").keys() == restore_flat(tmp_path / "b" / "params").keys()
@@ -76,7 +72,7 @@ def test_verification_passes_a_right_merge_and_fails_a_wrong_one():
 
 
 def test_reload_check_catches_a_checkpoint_that_reads_back_different(tiny_checkpoint, tmp_path):
-    assert _run(tiny_checkpoint("pi0"), tmp_path / "out", "--config.verify_reload=True").returncode == 0
+    assert merge(tiny_checkpoint("pi0"), tmp_path / "out", "--config.verify_reload=True").returncode == 0
     params_dir = tmp_path / "out" / "params"
     params = restore_flat(params_dir)
     leaves = checkpoint.read_contents(params_dir).leaves.values()
@@ -97,16 +93,18 @@ def test_reload_check_catches_a_checkpoint_that_reads_back_different(tiny_checkp
 
 
 def test_reference_tree_must_match(tiny_checkpoint, tmp_path):
-    assert _run(tiny_checkpoint("pi0"), tmp_path / "base").returncode == 0
-    matching = _run(tiny_checkpoint("pi0"), tmp_path / "ok", f"--config.reference={tmp_path / 'base'}")
+    assert merge(tiny_checkpoint("pi0"), tmp_path / "base").returncode == 0
+    matching = merge(tiny_checkpoint("pi0"), tmp_path / "ok", f"--config.reference={tmp_path / 'base'}")
     assert matching.returncode == 0, matching.stderr
 
-    other_model = _run(tiny_checkpoint("pi05"), tmp_path / "x", f"--config.reference={tmp_path / 'base'}", model="pi05")
+    other_model = merge(
+        tiny_checkpoint("pi05"), tmp_path / "x", f"--config.reference={tmp_path / 'base'}", model="pi05"
+    )
     assert other_model.returncode == errors.PlanError.exit_code
     assert "not in the reference" in other_model.stderr or "not in the output" in other_model.stderr
     assert not (tmp_path / "x").exists()
 
-    wrong_dtype = _run(
+    wrong_dtype = merge(
         tiny_checkpoint("pi0"), tmp_path / "y", f"--config.reference={tmp_path / 'base'}", "--config.dtype=float32"
     )
     assert wrong_dtype.returncode == errors.PlanError.exit_code
@@ -115,7 +113,7 @@ def test_reference_tree_must_match(tiny_checkpoint, tmp_path):
 
 def test_report_on_success_and_on_failure(tiny_checkpoint, tmp_path):
     report_path = tmp_path / "reports" / "merge.json"
-    ok = _run(tiny_checkpoint("pi05"), tmp_path / "out", f"--config.report={report_path}", model="pi05")
+    ok = merge(tiny_checkpoint("pi05"), tmp_path / "out", f"--config.report={report_path}", model="pi05")
     assert ok.returncode == 0, ok.stderr
     document = json.loads(report_path.read_text())
     assert (document["status"], document["exit_code"], document["error"]) == ("ok", 0, None)
@@ -130,11 +128,11 @@ def test_report_on_success_and_on_failure(tiny_checkpoint, tmp_path):
     assert all(0 <= p["check"]["rounding_loss"] < 0.25 for p in document["plan"]["pairs"])
     assert document["provenance"] == json.loads((tmp_path / "out" / "openpi_merge.json").read_text())
     assert document["plan"]["settings"]["action_expert"]["attn"]["alpha"] == 32.0
-    assert {"plan", "stream"} <= document["seconds"].keys()  # One process streams: read, fuse and write overlap.
+    assert {"plan", "write", "seal"} <= document["seconds"].keys()  # One process streams: read, fuse, write overlap.
     assert document["versions"]["orbax-checkpoint"]
     assert document["config"]["model"] == "pi05"
 
-    failed = _run(tiny_checkpoint("pi05"), tmp_path / "out", f"--config.report={report_path}", model="pi05")
+    failed = merge(tiny_checkpoint("pi05"), tmp_path / "out", f"--config.report={report_path}", model="pi05")
     assert failed.returncode == errors.OutputError.exit_code
     document = json.loads(report_path.read_text())
     assert (document["status"], document["exit_code"]) == ("error", errors.OutputError.exit_code)
@@ -142,8 +140,8 @@ def test_report_on_success_and_on_failure(tiny_checkpoint, tmp_path):
 
 
 def test_progress_lines_when_not_on_a_terminal(tiny_checkpoint, tmp_path):
-    result = _run(tiny_checkpoint("pi0"), tmp_path / "out")
+    result = merge(tiny_checkpoint("pi0"), tmp_path / "out")
     assert "fuse: 100% after" in result.stderr
-    quiet = _run(tiny_checkpoint("pi0"), tmp_path / "quiet", "--config.progress=False")
+    quiet = merge(tiny_checkpoint("pi0"), tmp_path / "quiet", "--config.progress=False")
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr == ""
