@@ -10,6 +10,7 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
+import openpi_merge
 from openpi_merge import errors
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -27,6 +28,8 @@ def install() -> None:
     huge-pages restart) is delivered now, to the handler."""
     for signum in _SIGNALS:
         signal.signal(signum, _handle)
+    for signum in openpi_merge.early_signals[:1]:  # Came while the package's own early handler was in place.
+        _handle(signum, None)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
 
