@@ -66,7 +66,8 @@ def _before_any_code_of_ours(stderr: str) -> bool:
     """A KeyboardInterrupt inside the interpreter's own start-up (``site``: about 15 ms, before the package is
     imported), which no code of a program can catch."""
     frames = [line for line in stderr.splitlines() if line.strip().startswith('File "')]
-    return bool(frames) and all(("site" in f and "openpi_merge" not in f) or "<frozen importlib" in f for f in frames)
+    start_up = ('"<frozen site>"', '/site.py"', '"<frozen importlib')
+    return bool(frames) and all(any(part in f for part in start_up) for f in frames)
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.03, 0.06, 0.1, 0.15, 0.2, 0.3])
