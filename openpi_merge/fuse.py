@@ -141,7 +141,8 @@ def _verify_layer(step: _Step, x, kernel, lora_a, lora_b, merged):
     return jnp.max(diff), jnp.max(jnp.abs(y_lora)), jnp.max(diff / bound), finite
 
 
-_STATS = 7  # finite, max diff, max |y_lora|, bound ratio, changed fraction, |s dW|^2, |stored - W - s dW|^2.
+# finite, max diff, max |y_lora|, bound ratio, changed fraction, |s dW|^2, |stored - W - s dW|^2, factors finite.
+_STATS = 8
 
 
 # Rounding is measured on evenly spaced whole rows of each layer, about this many elements (all rows of a smaller
@@ -175,7 +176,9 @@ def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes):
     update = step.scale * _einsum(step.update_equation, lora_a, lora_b)
     merged = kernel + update
     stored = merged.astype(step.out_dtype)
-    stats = jnp.zeros(_STATS, jnp.float32).at[4:].set(jnp.stack(_rounding_stats(kernel, update, step.out_dtype)))
+    stats = jnp.zeros(_STATS, jnp.float32).at[4:7].set(jnp.stack(_rounding_stats(kernel, update, step.out_dtype)))
+    # The factors are small (rank columns): testing them tells a non-finite adapter from an update that overflows.
+    stats = stats.at[7].set(jnp.all(jnp.isfinite(lora_a)) & jnp.all(jnp.isfinite(lora_b)))
     if step.probe_shape is None:
         return stored, stats.at[0].set(jnp.all(jnp.isfinite(merged)))
     *checks, finite = _verify_layer(step, probes, kernel, lora_a, lora_b, stored.astype(jnp.float32))
@@ -263,9 +266,17 @@ def layer_fuser(pair: plan.Pair, *, verify: bool, seed: int, device: jax.Device)
 
 def _check(pair: plan.Pair, stats: np.ndarray, *, verified: bool) -> Check:
     """The pair's Check from its layers' ``_STATS`` rows; raises NumericsError as ``fuse_pair`` documents."""
-    finite, max_diff, max_output, bound_ratio, changed, update_sq, lost_sq = stats.T
+    finite, max_diff, max_output, bound_ratio, changed, update_sq, lost_sq, factors_finite = stats.T
+    if not factors_finite.all():
+        raise errors.NumericsError(
+            f"merging {pair.kernel.name} produced NaN or Inf: its LoRA factors hold non-finite values in the input"
+        )
     if not finite.all():
-        raise errors.NumericsError(f"merging {pair.kernel.name} produced NaN or Inf: the input holds non-finite values")
+        raise errors.NumericsError(
+            f"merging {pair.kernel.name} produced NaN or Inf from finite LoRA factors: the kernel holds non-finite "
+            f"values, or the update overflows float32 or {pair.out_dtype.name} (factors this large are a broken "
+            "fine-tune)"
+        )
     rounding = {
         "changed_fraction": float(changed.mean()),  # Every layer has the same size.
         "rounding_loss": float(
