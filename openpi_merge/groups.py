@@ -16,9 +16,7 @@ one-process merge bit for bit.
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from openpi_merge import checkpoint, fuse, plan, sharding, storage, writer
-
-GB = 1e9
+from openpi_merge import checkpoint, fuse, memory, plan, sharding, storage, writer
 
 
 def nbytes(group: plan.Plan) -> int:
@@ -47,10 +45,10 @@ def describe(parts: Sequence[plan.Plan], budget_bytes: int, how: str) -> list[st
     """Summary lines: the number of groups, and a note on each group over the budget (each a single pair or leaf)."""
     if not budget_bytes:
         return [f"streamed: 1 group, the whole tree ({how}: no memory budget)"]
-    budget = f"memory_budget_gb={budget_bytes / GB:.3g}"
+    budget = f"memory_budget_gb={budget_bytes / memory.GB:.3g}"
     return [f"streamed: {len(parts)} groups within {budget} ({how})"] + [
-        f"note: {(g.pairs[0].kernel if g.pairs else g.kept[0]).name} needs {nbytes(g) / GB:.3g} GB to restore and "
-        f"write, over {budget}: processed alone"
+        f"note: {(g.pairs[0].kernel if g.pairs else g.kept[0]).name} needs {nbytes(g) / memory.GB:.3g} GB to "
+        f"restore and write, over {budget}: processed alone"
         for g in parts
         if nbytes(g) > budget_bytes
     ]

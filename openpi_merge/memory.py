@@ -25,7 +25,7 @@ import re
 import resource
 import sys
 
-GB = 1e9
+GB = 1e9  # The unit of memory_budget_gb and of every size the summary prints.
 _AUTO_SHARE = 0.5  # memory_budget_gb=auto: this share of the memory available when the run starts...
 _AUTO_CAP = 4 * 10**9  # ...at most this: beyond a few blocks in flight, more memory buys no speed (README, Scale).
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number.

@@ -33,9 +33,8 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-from openpi_merge import fuse, manifest, plan, reader, writer
+from openpi_merge import fuse, manifest, memory, plan, reader, writer
 
-GB = 1e9
 _NOTES = 3  # Arrays over the budget named in the summary, largest first.
 _LAYERS_AHEAD = 2  # Fused layers dispatched to XLA ahead of the one being written.
 
@@ -126,12 +125,14 @@ def _what(block: Block) -> str:
 def describe(blocks: Sequence[Block], budget: int, how: str) -> list[str]:
     """Summary lines: the budget, the blocks, and the largest arrays whose smallest slice is over the budget."""
     arrays = len({block.out.path for block in blocks})
-    lines = [f"streamed: {len(blocks)} slices of {arrays} arrays within memory_budget_gb={budget / GB:.3g} ({how})"]
+    lines = [
+        f"streamed: {len(blocks)} slices of {arrays} arrays within memory_budget_gb={budget / memory.GB:.3g} ({how})"
+    ]
     over: dict[str, Block] = {}
     for block in sorted((b for b in blocks if b.nbytes > budget), key=lambda b: -b.nbytes):
         over.setdefault(block.out.name, block)
     lines += [
-        f"note: {name} needs {block.nbytes / GB:.3g} GB for {_what(block)}, over the budget: processed alone"
+        f"note: {name} needs {block.nbytes / memory.GB:.3g} GB for {_what(block)}, over the budget: processed alone"
         for name, block in list(over.items())[:_NOTES]
     ]
     if len(over) > _NOTES:

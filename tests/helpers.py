@@ -41,7 +41,7 @@ def merge(step: object, out: object, *overrides: str, model: str = "pi0", hook: 
     return run_cli(*merge_args(step, out, *overrides, model=model), hook=hook)
 
 
-def merged(step: object, out: object, *overrides: str, model: str = "pi0") -> subprocess.CompletedProcess:
+def merge_ok(step: object, out: object, *overrides: str, model: str = "pi0") -> subprocess.CompletedProcess:
     """``merge``, which must succeed."""
     result = merge(step, out, *overrides, model=model)
     assert result.returncode == 0, result.stderr

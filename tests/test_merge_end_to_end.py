@@ -8,7 +8,7 @@ import subprocess
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import REPO, STEP_DIR_NAMES, file_hashes, restore_flat, run_cli, stored_paths
+from helpers import REPO, STEP_DIR_NAMES, file_hashes, merge_ok, restore_flat, run_cli, stored_paths
 from reference import assert_rounds_to, lora_paths, merged_kernel
 
 from openpi_merge.testing import synthetic
@@ -18,14 +18,6 @@ STOCK_ALPHA = {"": 16.0, "_1": 32.0}  # gemma_2b_lora, gemma_300m_lora.
 
 def _expert(path):
     return "_1" if path[-2].endswith("_1") else ""
-
-
-def _merge(step, out, model, *overrides):
-    result = run_cli(
-        f"--config=configs/{model}_lora.py", f"--config.input={step}", f"--config.output={out}", *overrides
-    )
-    assert result.returncode == 0, result.stderr
-    return result
 
 
 def _assert_bit_equal(got, want):
@@ -52,7 +44,7 @@ def test_merge_writes_the_base_tree_with_merged_kernels(tiny_checkpoint, tmp_pat
     before = file_hashes(step)
     out = tmp_path / "merged"
 
-    result = _merge(step, out, model)
+    result = merge_ok(step, out, model=model)
 
     assert file_hashes(step) == before, "the input checkpoint was modified"
     assert sorted(p.name for p in out.iterdir()) == STEP_DIR_NAMES
@@ -70,7 +62,7 @@ def test_merge_writes_the_base_tree_with_merged_kernels(tiny_checkpoint, tmp_pat
 @pytest.mark.parametrize("value_suffix", [True, False], ids=["nnx-value", "plain"])
 def test_value_suffix_convention_is_kept(tiny_checkpoint, tmp_path, value_suffix):
     step = tiny_checkpoint("pi0_fast", value_suffix)
-    _merge(step, tmp_path / "merged", "pi0_fast")
+    merge_ok(step, tmp_path / "merged", model="pi0_fast")
     for params_dir in (step / "params", tmp_path / "merged" / "params"):
         paths = stored_paths(params_dir)
         assert paths
@@ -79,10 +71,9 @@ def test_value_suffix_convention_is_kept(tiny_checkpoint, tmp_path, value_suffix
 
 def test_custom_alpha_and_rslora_from_the_command_line(tiny_checkpoint, tmp_path):
     step = tiny_checkpoint("pi0")
-    _merge(
+    merge_ok(
         step,
         tmp_path / "merged",
-        "pi0",
         "--config.paligemma.alpha=8",
         "--config.action_expert.alpha=64",
         "--config.paligemma.rslora=True",
@@ -94,14 +85,14 @@ def test_custom_alpha_and_rslora_from_the_command_line(tiny_checkpoint, tmp_path
 
 def test_float32_output_dtype(tiny_checkpoint, tmp_path):
     step = tiny_checkpoint("pi05")
-    _merge(step, tmp_path / "merged", "pi05", "--config.dtype=float32")
+    merge_ok(step, tmp_path / "merged", "--config.dtype=float32", model="pi05")
     original, merged = restore_flat(step / "params"), restore_flat(tmp_path / "merged" / "params")
     _check_merged(original, merged, dtype=np.dtype(np.float32))
 
 
 def test_bfloat16_output_dtype_of_a_float32_base(tmp_path, tiny_checkpoint):
     step = tiny_checkpoint("pi0_fast", fused_qkv=True)
-    _merge(step, tmp_path / "merged", "pi0_fast", "--config.dtype=bfloat16")
+    merge_ok(step, tmp_path / "merged", "--config.dtype=bfloat16", model="pi0_fast")
     original, merged = restore_flat(step / "params"), restore_flat(tmp_path / "merged" / "params")
     _check_merged(original, merged, dtype=np.dtype(ml_dtypes.bfloat16))
     assert any(p[-2] == "qkv_einsum" for p in merged)
@@ -121,14 +112,14 @@ def test_relative_paths(tiny_checkpoint, tmp_path):
 
 def test_bare_params_dir_as_input(tiny_checkpoint, tmp_path):
     step = tiny_checkpoint("pi0")
-    summary = _merge(step / "params", tmp_path / "merged", "pi0").stdout
+    summary = merge_ok(step / "params", tmp_path / "merged").stdout
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == STEP_DIR_NAMES[1:]
     assert "assets: none carried" in summary
     assert "norm_stats.json" in summary
 
 
 def test_the_summary_names_the_asset_ids_carried(tiny_checkpoint, tmp_path):
-    summary = _merge(tiny_checkpoint("pi0"), tmp_path / "merged", "pi0").stdout
+    summary = merge_ok(tiny_checkpoint("pi0"), tmp_path / "merged").stdout
     ids = sorted(p.name for p in (tiny_checkpoint("pi0") / "assets").iterdir())
     assert f"assets: {', '.join(ids)}" in summary
 
@@ -138,7 +129,7 @@ def test_the_summary_names_the_asset_ids_carried(tiny_checkpoint, tmp_path):
 def test_output_restores_under_the_other_stack(tiny_checkpoint, tmp_path, overrides):
     """What this stack writes restores, through openpi's own call, under the other (pinned or latest) stack."""
     step = tiny_checkpoint("pi0")
-    _merge(step, tmp_path / "merged", "pi0", *overrides)
+    merge_ok(step, tmp_path / "merged", *overrides)
     read = subprocess.run(
         [os.environ["OPENPI_MERGE_OTHER_PYTHON"], str(REPO / "tests" / "openpi_restore.py"), str(tmp_path / "merged")],
         capture_output=True,
@@ -160,5 +151,5 @@ def test_a_users_persistent_compilation_cache_does_not_corrupt_the_merge(tiny_ch
     step = tiny_checkpoint("pi05")
     original = restore_flat(step / "params")
     for run in ("first", "second"):
-        _merge(step, tmp_path / run, "pi05")
+        merge_ok(step, tmp_path / run, model="pi05")
         _check_merged(original, restore_flat(tmp_path / run / "params"))
