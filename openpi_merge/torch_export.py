@@ -254,7 +254,7 @@ class _Unused:
         return {self.key: self.shape(shapes)}
 
     def tensors(self, params):
-        return {self.key: np.zeros(self.shape({p: a.shape for p, a in params.items()}), FLOAT32)}
+        return {self.key: np.zeros(self.shape({p: a.shape for p, a in params.items()}), BFLOAT16)}
 
     def probe(self, tensors, params, rng):
         got = _f64(tensors[self.key]).reshape(1, -1)

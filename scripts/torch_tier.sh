@@ -20,7 +20,8 @@ stamp="$venv/.openpi-merge-torch-tier"
 want="$(printf '%s\n' "${reqs[@]}" "$(cat scripts/openpi-pins.txt)" "$(sha256sum "$openpi_src"/openpi/models_pytorch/transformers_replace/models/*/*.py 2>/dev/null)")"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   "$python" -m venv --clear "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -c scripts/openpi-pins.txt "${reqs[@]}" -e ".[test]"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -c scripts/openpi-pins.txt "${reqs[@]}" -e ".[test]" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   if [[ -d "$openpi_src/openpi/models_pytorch/transformers_replace" ]]; then
     site="$("$venv/bin/python" -c 'import os, transformers; print(os.path.dirname(transformers.__file__))')"
     cp -r "$openpi_src"/openpi/models_pytorch/transformers_replace/* "$site/"
@@ -28,4 +29,10 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   printf '%s' "$want" >"$stamp"
 fi
 "$venv/bin/python" -c 'import torch, transformers, jax; print(f"{torch.__version__=} {transformers.__version__=} {jax.__version__=}")'
-OPENPI_SRC="$openpi_src" "$venv/bin/python" -m pytest -q tests/test_torch_export.py "$@"
+measurements="$(mktemp)"
+trap 'rm -f "$measurements"' EXIT
+status=0
+OPENPI_SRC="$openpi_src" OPENPI_MERGE_TORCH_MEASUREMENTS="$measurements" \
+  "$venv/bin/python" -m pytest -q -p no:warnings tests/test_torch_export.py "$@" || status=$?
+cat "$measurements"
+exit $status

@@ -119,9 +119,13 @@ def pi0_config(model: str, dtype: str):
 def _std(path: tuple[str, ...], array: np.ndarray) -> float | None:
     if path[-1] in ("lora_a", "lora_b") or path[-1].endswith(("_lora_a", "_lora_b")):
         return 0.05  # openpi starts them at normal(0.01): too small a product to tell a merge from none.
-    if not np.any(array) or np.std(array) < 1e-3:
-        return 0.02  # Zero-initialised (biases, norm scales, pi0.5's adaRMS Dense_0 kernels): silent otherwise.
-    return None
+    if np.any(array) and np.std(array) >= 1e-3:
+        return None  # openpi's own init.
+    if path[-1] == "kernel":
+        # pi0.5's adaRMS Dense_0 kernels start at zero, and so its gates: every layer of the action expert would be
+        # silent. LeCun-like, so that the gates let the layers (and their LoRA) through.
+        return array.shape[-2] ** -0.5
+    return 0.02  # Zero-initialised biases and norm scales.
 
 
 def lora_checkpoint(model: str, step_dir: pathlib.Path, *, seed: int = 0) -> dict[tuple[str, ...], np.ndarray]:

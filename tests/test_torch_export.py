@@ -8,6 +8,7 @@ they are absent: openpi's own ``load_pytorch`` loads the export of a merged smal
 """
 
 import json
+import os
 import pathlib
 import re
 
@@ -276,10 +277,11 @@ def test_write_and_read_back(trees, tmp_path):
 _UNAVAILABLE = openpi_torch.available()
 framework = pytest.mark.skipif(_UNAVAILABLE is not None, reason=f"framework tier: {_UNAVAILABLE}")
 
-# Tolerances on the actions, relative to the largest |action| of openpi's JAX LoRA model: 4 bfloat16 ulps for the
-# bfloat16 export (both models compute in bfloat16), 256 float32 ulps for the float32 one (a 2 x 2-layer network and
-# 10 Euler steps accumulate rounding).
-TOLERANCE = {"bfloat16": 4 * 2.0**-8, "float32": 256 * 2.0**-24}
+# Tolerances on the actions, relative to the largest |action| of openpi's JAX LoRA model: 2 bfloat16 ulps for the
+# bfloat16 export (both models compute in bfloat16; measured: under 0.7 ulp), 256 float32 ulps for the float32 one
+# (rounding accumulated over 2 layers of 2 experts, SigLIP and 10 Euler steps; measured: under 80). The control must
+# miss by more than 10 times the tolerance (measured: 19 times and more).
+TOLERANCE = {"bfloat16": 2 * 2.0**-8, "float32": 256 * 2.0**-24}
 
 
 @pytest.fixture(scope="module")
@@ -362,10 +364,13 @@ def test_openpi_loads_the_export_strictly_and_its_actions_match_the_jax_lora_mod
         openpi_torch.torch_model(config, control_dir / te.SAFETENSORS_FILE), run["obs"], run["noise"]
     )
     control_error = float(np.max(np.abs(control - want))) / scale
-    print(
+    line = (
         f"torch export {model} {dtype}: max|action| {scale:.3f}, error vs JAX LoRA {error:.2e} (relative), "
         f"tolerance {TOLERANCE[dtype]:.2e}, control {control_error:.2e}; check: "
         + ", ".join(f"{k} {v['max_rel_error']:.1e}/{v['bound_ratio']:.1e}" for k, v in sorted(report.items()))
     )
+    if os.environ.get("OPENPI_MERGE_TORCH_MEASUREMENTS"):  # scripts/torch_tier.sh collects these lines.
+        with open(os.environ["OPENPI_MERGE_TORCH_MEASUREMENTS"], "a") as f:
+            f.write(line + "\n")
     assert error <= TOLERANCE[dtype]
     assert control_error > 10 * TOLERANCE[dtype]
