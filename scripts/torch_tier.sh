@@ -17,7 +17,8 @@ reqs=(
   equinox tqdm-loggable "numpydantic<2" pillow websockets msgpack
 )
 stamp="$venv/.openpi-merge-torch-tier"
-want="$(printf '%s\n' "${reqs[@]}" "$(cat scripts/openpi-pins.txt)" "$(sha256sum "$openpi_src"/openpi/models_pytorch/transformers_replace/models/*/*.py 2>/dev/null)")"
+want="$(printf '%s\n' "${reqs[@]}" "$python" && sha256sum pyproject.toml scripts/openpi-pins.txt \
+  "$openpi_src"/openpi/models_pytorch/transformers_replace/models/*/*.py 2>/dev/null || true)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   "$python" -m venv --clear "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -c scripts/openpi-pins.txt "${reqs[@]}" -e ".[test]" \
