@@ -130,7 +130,7 @@ class _Linear:
             out[f"{self.prefix}.bias"] = params[self.bias][self.index].reshape(-1)
         return out
 
-    def probe(self, tensors, params, rng) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    def probe(self, tensors, params, rng) -> Iterator[tuple]:
         x_labels, labels, _ = self._labels()
         k = params[self.kernel][self.index]
         dims = dict(zip(labels, k.shape, strict=True))
