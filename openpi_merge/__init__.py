@@ -1,6 +1,9 @@
 """openpi-merge: fold the LoRA adapters of an openpi (pi0, pi0.5, pi0-FAST) fine-tune into its base weights."""
 
-import signal as _signal
+# ``_signal`` and ``sys`` are built into the interpreter: importing them runs no Python code, so the early handler
+# below is in place a few bytecodes after the package starts (``signal`` itself builds its enums first, ~1 ms in which
+# a Ctrl-C would still be a KeyboardInterrupt traceback).
+import _signal
 import sys as _sys
 
 __version__ = "0.1.0"

@@ -66,8 +66,8 @@ def _resolve_example(settings: config.Settings):
     from openpi_merge.testing import synthetic  # Test support: loaded only for the example, never by a real merge.
 
     with contextlib.ExitStack() as stack:
-        if settings.output:
-            output = pathlib.Path(settings.output).expanduser().resolve()
+        if anchor := settings.output or next(iter(settings.exports.values()), ""):
+            output = pathlib.Path(anchor).expanduser().resolve()
             directory, kept = output.with_name(f"{output.name}.input"), True
             if directory.exists():
                 # Replaced only when it holds nothing but step dirs, as an earlier example run left it.
@@ -236,7 +236,8 @@ def main(argv: list[str]) -> None:
     outcome, error, text = report.Outcome(config=_CONFIG.value.to_dict()), None, None
     cfg = _CONFIG.value
     try:
-        pipeline.check_report_path(cfg.report, input_path=cfg.input, output=cfg.output if cfg.mode == "merge" else "")
+        outputs = {f: cfg.get(f, "") for f in ("output", *config.EXPORT_FIELDS.values())} if cfg.mode == "merge" else {}
+        pipeline.check_report_path(cfg.report, input_path=cfg.input, outputs=outputs)
     except errors.MergeError as e:  # No report is written where it would land.
         signals.hold()
         _fail(e)

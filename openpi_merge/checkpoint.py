@@ -277,19 +277,20 @@ def refuse_links(root: pathlib.Path, rule: str) -> None:
                 raise errors.InputError(f"{path} is not a regular file: {rule}")
 
 
-def resolve_output(output: str, source: Source) -> storage.AnyPath:
-    """Resolves the output step dir; raises OutputError if it lies inside, contains or is the input."""
+def resolve_output(output: str, source: Source, role: str = "output") -> storage.AnyPath:
+    """Resolves the output step dir (``role``: or an export's, named so); raises OutputError if it lies inside,
+    contains or is the input."""
     if storage.is_remote(output):
         return _resolve_remote_output(storage.resolve(output), source)
     target = pathlib.Path(output).expanduser().resolve()
     if storage.is_remote(source.root):
         return target
     if target == source.root or source.root in target.parents:
-        raise errors.OutputError(f"output {target} lies inside the input {source.root}: write it elsewhere")
+        raise errors.OutputError(f"{role} {target} lies inside the input {source.root}: write it elsewhere")
     if target in source.root.parents:
-        raise errors.OutputError(f"output {target} contains the input {source.root}: write it elsewhere")
+        raise errors.OutputError(f"{role} {target} contains the input {source.root}: write it elsewhere")
     if target.exists() and os.path.samefile(target, source.root):  # A bind mount of the input, say.
-        raise errors.OutputError(f"output {target} is the input {source.root} under another name: write elsewhere")
+        raise errors.OutputError(f"{role} {target} is the input {source.root} under another name: write elsewhere")
     return target
 
 

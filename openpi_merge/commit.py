@@ -62,6 +62,7 @@ _LOCK = ".openpi-merge.lock"
 _STAGING = ".openpi-merge-staging-"
 _PREVIOUS = ".openpi-merge-previous"
 _LEGACY_STAGING = ".openpi-merge-tmp-"  # Staging dirs of releases before the lock: removed like ours.
+_SCRATCH = ".openpi-merge-orbax"  # scratch_target's suffix.
 # Beyond the planned array bytes: Orbax's metadata and OCDBT manifests, assets, and filesystem blocks.
 _SPACE_MARGIN = 1.05
 _SPACE_SLACK = 64 * 2**20
@@ -118,7 +119,14 @@ def _hidden(target: pathlib.Path, suffix: str) -> pathlib.Path:
 def hidden_names(target: pathlib.Path) -> tuple[str, ...]:
     """The names this protocol may give entries beside ``target`` (the staging ones as prefixes)."""
     stem = hidden_stem(target)
-    return tuple(stem + suffix for suffix in (_LOCK, _PREVIOUS, _STAGING, _LEGACY_STAGING))
+    return (*(stem + suffix for suffix in (_LOCK, _PREVIOUS, _STAGING, _LEGACY_STAGING)), "." + stem + _SCRATCH)
+
+
+def scratch_target(beside: pathlib.Path) -> pathlib.Path:
+    """A hidden output beside ``beside`` (an export dir) for a run that writes exports but no Orbax output: its
+    Orbax params are claimed and staged there like an output's and never committed, so the claim removes them
+    (and the next run for ``beside``, a killed run's)."""
+    return _hidden(beside, _SCRATCH)
 
 
 def _stale_staging(target: pathlib.Path) -> list[pathlib.Path]:
@@ -208,6 +216,7 @@ class Claim:
     notes: list[str]  # What the claim repaired and the commit left, for the summary.
     _fd: int | None  # The locked lock file; None in processes other than the one that commits.
     barrier: Callable[[str], None] = lambda name: None
+    role: str = "output"  # What the target is, in messages: "output", or an export's field.
     staging: pathlib.Path | None = None  # Set by stage().
     committed: bool = False
     # The staged params dir is a finished Orbax save (Orbax renamed its own tmp dir inside the staging dir), so
@@ -228,7 +237,9 @@ class Claim:
 
     def refuse_existing(self) -> None:
         if self.target.exists() and not self.overwrite:
-            raise errors.OutputError(f"output {self.target} already exists: remove it or pass --config.overwrite=True")
+            raise errors.OutputError(
+                f"{self.role} {self.target} already exists: remove it or pass --config.overwrite=True"
+            )
 
     def stage(self, token: str) -> pathlib.Path:
         """State 2: makes the staging dir (process 0) and returns it once every process may write into it.
@@ -279,7 +290,7 @@ def _holder(lock_path: pathlib.Path) -> str:
     return f"another openpi-merge run ({text})" if text else "another openpi-merge run"
 
 
-def _lock(target: pathlib.Path) -> int:
+def _lock(target: pathlib.Path, role: str) -> int:
     """Opens and locks ``target``'s lock file; raises OutputError if a live run holds it."""
     lock_path = _hidden(target, _LOCK)
     import fcntl  # POSIX only; imported here so the rest of the package still imports elsewhere.
@@ -291,8 +302,8 @@ def _lock(target: pathlib.Path) -> int:
         except BlockingIOError:
             os.close(fd)
             raise errors.OutputError(
-                f"output {target} is being written by {_holder(lock_path)}: wait for it to finish or choose "
-                "another output"
+                f"{role} {target} is being written by {_holder(lock_path)}: wait for it to finish or choose "
+                f"another {role}"
             ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
@@ -331,7 +342,7 @@ def _is_checkpoint(path: pathlib.Path) -> bool:
     return next(path.iterdir(), None) is None
 
 
-def _refuse_unusable(target: pathlib.Path, overwrite: bool) -> None:
+def _refuse_unusable(target: pathlib.Path, overwrite: bool, role: str = "output") -> None:
     """Raises OutputError when ``target`` cannot be written or replaced: a non-directory above it; anything at it
     without ``overwrite``; a non-directory or a directory that is no checkpoint at it (``overwrite`` replaces
     checkpoints only)."""
@@ -339,28 +350,28 @@ def _refuse_unusable(target: pathlib.Path, overwrite: bool) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise errors.OutputError(
-                    f"output {target} lies under {parent}, which is a file, not a directory: choose another output"
+                    f"{role} {target} lies under {parent}, which is a file, not a directory: choose another {role}"
                 )
             break
     if not target.exists():
         return
     if not overwrite:
-        raise errors.OutputError(f"output {target} already exists: remove it or pass --config.overwrite=True")
+        raise errors.OutputError(f"{role} {target} already exists: remove it or pass --config.overwrite=True")
     if not target.is_dir():
-        raise errors.OutputError(f"output {target} exists and is not a directory: remove it or write elsewhere")
+        raise errors.OutputError(f"{role} {target} exists and is not a directory: remove it or write elsewhere")
     if not _is_checkpoint(target):
         raise errors.OutputError(
-            f"output {target} is a directory that holds no checkpoint (no params/ dir, no openpi-merge files): "
+            f"{role} {target} is a directory that holds no checkpoint (no params/ dir, no openpi-merge files): "
             "overwrite replaces checkpoints only; choose another output or remove it yourself"
         )
 
 
-def _check_space(target: pathlib.Path, needed_bytes: int) -> None:
+def _check_space(target: pathlib.Path, needed_bytes: int, role: str) -> None:
     need = int(needed_bytes * _SPACE_MARGIN) + _SPACE_SLACK
     free = shutil.disk_usage(target.parent).free
     if free < need:
         raise errors.EnvironmentFaultError(
-            f"not enough free space for output {target}: the merge writes about {needed_bytes / 1e9:.3g} GB and "
+            f"not enough free space for {role} {target}: the merge writes about {needed_bytes / 1e9:.3g} GB and "
             f"needs {need / 1e9:.3g} GB with margin, {free / 1e9:.3g} GB are free there: free space or write elsewhere"
         )
 
@@ -373,32 +384,34 @@ def claim(
     needed_bytes: int,
     primary: bool = True,
     barrier: Callable[[str], None] = lambda name: None,
+    role: str = "output",
 ) -> Iterator[Claim]:
     """Holds the output's lock for the block (module docstring, states 1 and 5); a staging dir that the block made
     and did not commit is removed when it ends. ``primary``: this process commits; other processes of a
-    multi-process job get a Claim without a lock, for the staging dir's name; ``barrier`` waits for all of them."""
+    multi-process job get a Claim without a lock, for the staging dir's name; ``barrier`` waits for all of them.
+    ``role`` names the target in messages (an export's field)."""
     if not primary:
-        yield Claim(target, overwrite, [], None, barrier)
+        yield Claim(target, overwrite, [], None, barrier, role)
         return
-    _refuse_unusable(target, overwrite)
+    _refuse_unusable(target, overwrite, role)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd = _lock(target)
+        fd = _lock(target, role)
     except OSError as e:
         raise errors.os_fault(e, target.parent, "cannot write in the output's directory") from e
-    held = Claim(target, overwrite, [], fd, barrier)
+    held = Claim(target, overwrite, [], fd, barrier, role)
     try:
         try:
             _write_holder(fd)
             held.notes += _repair(target)
         except OSError as e:
             raise errors.os_fault(e, target.parent, "cannot prepare the output beside") from e
-        _refuse_unusable(target, overwrite)
+        _refuse_unusable(target, overwrite, role)
         if target.exists() and os.path.ismount(target):  # Renaming a mount point fails with EBUSY at the commit.
             raise errors.EnvironmentFaultError(
-                f"output {target} is a mount point and cannot be replaced: write into a directory inside it instead"
+                f"{role} {target} is a mount point and cannot be replaced: write into a directory inside it instead"
             )
-        _check_space(target, needed_bytes)
+        _check_space(target, needed_bytes, role)
         yield held
     finally:
         if held.staging is not None and not held.committed:

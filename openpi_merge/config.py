@@ -16,9 +16,11 @@ import ml_dtypes
 import numpy as np
 from ml_collections import config_dict
 
-from openpi_merge import errors, openpi_config, openpi_layout
+from openpi_merge import errors, openpi_config, openpi_layout, storage
 
 MODES = ("merge", "inspect", "check")
+EXPORT_FIELDS = {"pytorch": "pytorch_output", "lerobot": "lerobot_output"}  # Export kind -> its config field.
+EXPORT_DTYPES = ("bfloat16", "float32")
 # dtype of merged kernels by config name; None keeps each kernel's own.
 OUTPUT_DTYPES = {"keep": None, "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 EXPERT = "{expert}"  # In a field name: each expert of the model (paligemma, action_expert).
@@ -44,8 +46,22 @@ FIELDS: tuple[Field, ...] = (
     Field("input", "", "(required)", "a training step dir holding `params/`, or a bare Orbax params dir; "
           "`example:<model>` writes a tiny synthetic one next to the output"),
     Field("output", "", "(required)", "the step dir to write; must not exist unless `overwrite`, must not overlap the "
-          "input"),
+          "input. May be left out when an export (`pytorch_output`, `lerobot_output`) is given"),
     Field("overwrite", False, "`False`", "replace an existing output (only once the new one is complete)"),
+    Field("pytorch_output", "", '`""`', "also write the merged policy in openpi's PyTorch layout here "
+          "(`model.safetensors`, `config.json`, `assets/`), a dir openpi's `serve_policy.py` serves; pi0 and pi0.5. "
+          "See Deploy in the README"),
+    Field("lerobot_output", "", '`""`', "also write the merged policy as a LeRobot policy dir here (`config.json`, "
+          "`model.safetensors`, processor files with the norm stats) for `PI0Policy` / `PI05Policy.from_pretrained`"),
+    Field("export_dtype", "bfloat16", "`bfloat16`", "dtype of the exports' weights: `bfloat16` (what openpi's "
+          "PyTorch model runs in; its norms and embeddings stay float32) or `float32`"),
+    Field("export_check", False, "`False`", "load each export with the framework itself (openpi's `load_pytorch`, "
+          "LeRobot's `from_pretrained`; torch and openpi or lerobot must be importable) before committing: every key "
+          "loaded, and actions compared with openpi's JAX LoRA model on the unmerged input"),
+    Field("action_horizon", int, "train_config's, else 50", "actions per chunk, as the exports' `config.json` "
+          "records it (not stored in checkpoints; openpi's `Pi0Config` default is 50)"),
+    Field("asset_id", "", "the only one", "which `assets/<asset_id>/norm_stats.json` the LeRobot export normalises "
+          "with, when the input carries several"),
     Field("train_config", str, "from the input path", "an openpi TrainConfig name (e.g. "
           "`pi0_libero_low_mem_finetune`): model, variants and LoRA configs come from openpi's own code (openpi must "
           "be importable). Unset: taken from an input path `<base>/<config name>/<exp>/<step>` that openpi knows"),
@@ -167,6 +183,11 @@ class Settings:
     train_config_source: str | None = None  # "command line" or "input path".
     openpi: str | None = None  # Where openpi was imported from; None: not importable.
     progress: bool = True
+    exports: dict[str, str] = dataclasses.field(default_factory=dict)  # Export kind -> its dir, as given.
+    export_dtype: str = "bfloat16"
+    export_check: bool = False
+    asset_id: str = ""
+    action_horizon: int = 50  # The exports' config.json: given, else train_config's, else openpi's default.
 
 
 def parse_mesh(text: str) -> MeshSpec:
@@ -290,9 +311,14 @@ def read_settings(config: ml_collections.ConfigDict, *, openpi: openpi_config.Op
         openpi = None if config.mode == "check" else openpi_config.load()  # check reads no LoRA setting.
     if config.model not in openpi_layout.MODEL_EXPERTS:
         raise errors.ConfigError(f"model={config.model!r} is not one of {', '.join(openpi_layout.MODEL_EXPERTS)}")
-    for field in ("input", "output") if config.mode == "merge" else ("input",):
-        if not config[field]:
-            raise errors.ConfigError(f"no {field} given: pass --config.{field}=PATH")
+    if not config.input:
+        raise errors.ConfigError("no input given: pass --config.input=PATH")
+    exports = _exports(config) if config.mode == "merge" else {}
+    if config.mode == "merge" and not config.output and not exports:
+        raise errors.ConfigError(
+            "no output given: pass --config.output=PATH"
+            " (or an export: --config.pytorch_output, --config.lerobot_output)"
+        )
     if config.dtype not in OUTPUT_DTYPES:
         raise errors.ConfigError(f"dtype={config.dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
     train, train_source = _train_spec(config, openpi)
@@ -327,10 +353,54 @@ def read_settings(config: ml_collections.ConfigDict, *, openpi: openpi_config.Op
         train_config_source=train_source,
         openpi=openpi and openpi.location,
         progress=bool(config.progress),
+        exports=exports,
+        export_dtype=config.export_dtype,
+        export_check=bool(config.export_check),
+        asset_id=config.asset_id,
+        action_horizon=_action_horizon(config.action_horizon, train),
     )
 
 
-_PATH_FIELDS = ("input", "output", "reference", "report")
+_DEFAULT_ACTION_HORIZON = 50  # openpi's Pi0Config.action_horizon.
+
+
+def _action_horizon(given: int | None, train: openpi_config.TrainSpec | None) -> int:
+    if given is not None:
+        if type(given) is not int or given < 1:
+            raise errors.ConfigError(f"action_horizon={given} must be a positive integer")
+        return given
+    return (train and train.action_horizon) or _DEFAULT_ACTION_HORIZON
+
+
+_PATH_FIELDS = ("input", "output", "reference", "report", *EXPORT_FIELDS.values())
+
+
+def _exports(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """The exports asked for (kind -> dir), checked against what they can be written from."""
+    exports = {kind: config[field] for kind, field in EXPORT_FIELDS.items() if config[field]}
+    if not exports:
+        return exports
+    if config.export_dtype not in EXPORT_DTYPES:
+        raise errors.ConfigError(f"export_dtype={config.export_dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    names = " and ".join(EXPORT_FIELDS[kind] for kind in exports)
+    if config.model == "pi0_fast":
+        raise errors.ConfigError(
+            f"{names}: openpi has no PyTorch pi0-FAST model (and LeRobot's pi0_fast is not openpi's layout): "
+            "merge pi0-FAST to the Orbax output only"
+        )
+    for kind, path in exports.items():
+        if storage.is_remote(path):
+            raise errors.ConfigError(
+                f"{EXPORT_FIELDS[kind]}={path!r}: exports are written to a local dir; write there, then upload it"
+            )
+    if storage.is_remote(config.output):
+        raise errors.ConfigError(
+            f"{names} with output={config.output!r}: exports are written from a local merge; pass a local output "
+            "(or none) and upload it afterwards"
+        )
+    if config.distributed.enabled:
+        raise errors.ConfigError(f"{names}: exports are written by a single-process merge; drop distributed.enabled")
+    return exports
 
 
 def _refuse_undecodable(field: str, value: str) -> None:

@@ -33,6 +33,8 @@ from openpi_merge import checkpoint, errors, openpi_layout, plan, sharding, stor
 
 FILENAME = openpi_layout.MANIFEST_FILE
 FORMAT = "openpi-merge-manifest/1"
+# The manifest of an export dir (``export``): every file's bytes and sha256, nothing that needs Orbax to check.
+FILES_FORMAT = "openpi-merge-files/1"
 _CHUNK_BYTES = 64 * 2**20  # Hashed and checked a chunk at a time: the finiteness test needs a bool per element.
 
 
@@ -145,6 +147,24 @@ def write(step_dir: storage.AnyPath, params: dict[str, dict], *, value_suffix: b
     (step_dir / FILENAME).write_text(json.dumps(document, indent=1) + "\n")
 
 
+def _files(directory: storage.AnyPath) -> dict[str, dict]:
+    return {name: _file_entry(directory / name) for name in storage.files(directory) if name != FILENAME}
+
+
+def write_files(directory: storage.AnyPath, *, kind: str) -> None:
+    """Writes the manifest of an export dir whose files are all written: each file's bytes and sha256."""
+    document = {"format": FILES_FORMAT, "kind": kind, "files": _files(directory)}
+    (directory / FILENAME).write_text(json.dumps(document, indent=1) + "\n")
+
+
+def is_files(directory: pathlib.Path) -> bool:
+    """Whether ``directory``'s manifest is an export's (``FILES_FORMAT``); False for any other or unreadable one."""
+    try:
+        return json.loads((directory / FILENAME).read_text()).get("format") == FILES_FORMAT
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return False
+
+
 def _read(step_dir: storage.AnyPath) -> dict:
     """The manifest of ``step_dir``, validated; raises InputError for a missing, unreadable or malformed one."""
     path = step_dir / FILENAME
@@ -156,8 +176,8 @@ def _read(step_dir: storage.AnyPath) -> dict:
         document = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested deeper than Python's limit.
         raise errors.InputError(f"{path} is unreadable ({str(e)[:200]}): the copy is damaged; copy it again") from e
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise errors.InputError(f"{path} is not an openpi-merge manifest of format {FORMAT}")
+    if not isinstance(document, dict) or document.get("format") not in (FORMAT, FILES_FORMAT):
+        raise errors.InputError(f"{path} is not an openpi-merge manifest of format {FORMAT} or {FILES_FORMAT}")
     if problem := _malformed(document):
         raise errors.InputError(f"{path} is not a valid openpi-merge manifest ({problem}): copy it again")
     return document
@@ -169,6 +189,11 @@ def _is_sha256(value: object) -> bool:
 
 def _malformed(document: dict) -> str | None:
     """What is wrong with a manifest's structure, or None: every field the check reads, with its type."""
+    if document["format"] == FILES_FORMAT:
+        files = document.get("files")
+        if not isinstance(files, dict) or not isinstance(document.get("kind"), str):
+            return "files must be an object and kind a string"
+        return _malformed_files("files", files)
     params, assets = document.get("params"), document.get("assets")
     if not isinstance(params, dict) or not isinstance(assets, dict):
         return "params and assets must be objects"
@@ -178,9 +203,13 @@ def _malformed(document: dict) -> str | None:
         shape, dtype = entry.get("shape"), entry.get("dtype")
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and isinstance(dtype, str)):
             return f"params[{name!r}] needs a shape (a list of sizes) and a dtype name"
-    for name, entry in assets.items():
+    return _malformed_files("assets", assets)
+
+
+def _malformed_files(field: str, files: dict) -> str | None:
+    for name, entry in files.items():
         if not isinstance(entry, dict) or not _is_sha256(entry.get("sha256")) or type(entry.get("bytes")) is not int:
-            return f"assets[{name!r}] needs bytes (an integer) and a sha256 of 64 hex digits"
+            return f"{field}[{name!r}] needs bytes (an integer) and a sha256 of 64 hex digits"
     return None
 
 
@@ -213,6 +242,8 @@ def check(
         # machine, or a file outside the copy that happens to have the right bytes.
         checkpoint.refuse_links(step_dir, "a checked copy must hold regular files only, nothing outside it is read")
     document = _read(step_dir)
+    if document["format"] == FILES_FORMAT:
+        return _check_files(step_dir, document)
     try:
         return _check(step_dir, document, layout, budget_bytes, stop)
     except errors.InputError as e:  # The manifest is there, so what fails to read was damaged after the merge.
@@ -252,6 +283,22 @@ def _check(step_dir: pathlib.Path, document: dict, layout: sharding.Layout, budg
     return (
         f"openpi-merge: {step_dir} matches its manifest: {len(recorded)} parameters "
         f"({sum(leaf.nbytes for leaf in contents.leaves.values()) / 1e9:.3g} GB) and {len(assets)} asset files"
+    )
+
+
+def _check_files(directory: pathlib.Path, document: dict) -> str:
+    """An export dir against its manifest: the same files, each with the same bytes."""
+    found = _files(directory)
+    for name in sorted(document["files"].keys() | found.keys()):
+        if found.get(name) != document["files"].get(name):
+            raise errors.NumericsError(
+                f"{directory}: {name} differs from what openpi-merge wrote (missing, extra or changed): the copy is "
+                "damaged; copy it again from the original"
+            )
+    total = sum(entry["bytes"] for entry in found.values())
+    return (
+        f"openpi-merge: {directory} matches its manifest: the {document['kind']} export's {len(found)} files "
+        f"({total / 1e9:.3g} GB)"
     )
 
 

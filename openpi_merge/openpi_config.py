@@ -26,6 +26,7 @@ class TrainSpec:
     name: str
     model: str
     variants: dict[str, str]  # Keyed by expert field: "paligemma", "action_expert".
+    action_horizon: int | None = None  # The model config's, when it is an int.
 
 
 def _lora_spec(lora_config: Any) -> openpi_layout.LoRASpec:
@@ -72,7 +73,9 @@ class OpenPI:
             }
         except AttributeError as e:
             raise broken(call, e, "did not return a TrainConfig with a model") from e
-        return TrainSpec(name=name, model=model, variants=variants)
+        horizon = getattr(train.model, "action_horizon", None)
+        horizon = horizon if type(horizon) is int and horizon > 0 else None
+        return TrainSpec(name=name, model=model, variants=variants, action_horizon=horizon)
 
     def variant(self, model: str, name: str) -> openpi_layout.Variant | None:
         """The variant as openpi's own ``get_config`` builds it; None when openpi does not know the name.

@@ -1,6 +1,6 @@
 """One merge, as a line of named steps that hand each other values:
 
-    plan -> claim -> write -> seal -> verify_reload -> commit -> report
+    plan -> claim -> write -> seal -> verify_reload -> export -> commit -> report
 
 - ``plan_merge``: metadata only (``plan``): pairs, kept leaves, problems; the output and report paths checked.
 - ``claim``: the output's committer (``commit.claim_output``: local dir or bucket prefix, chosen once) holds the
@@ -9,8 +9,11 @@
   streams slices (``stream``), several write groups (``groups``); both through ``writer``, Orbax's own save.
 - ``seal``: ``assets/``, the provenance and the integrity manifest beside ``params/``.
 - ``verify_reload`` (``verify_reload=True``): the written params re-read and compared, before anything is committed.
-- ``commit``: the committer publishes the staged step (``report`` is staged just before, so a report that cannot be
-  written commits nothing); then the report takes its name.
+- ``export`` (``pytorch_output``, ``lerobot_output``): each export written from the staged params into its own
+  claimed staging dir and proven (``export``). With exports but no ``output``, the Orbax params are staged in a
+  hidden scratch claim (``commit.scratch_target``) that is never committed.
+- ``commit``: the committer publishes the staged step, then each export's (``commit_all``; ``report`` is staged just
+  before, so a report that cannot be written commits nothing); then the report takes its name.
 
 Nothing reads an array before the plan is made and the output is claimed, so every mistake of input, config or
 environment that can be seen early ends the run before its expensive part. ``stop`` is called at every step
@@ -18,6 +21,7 @@ boundary: it raises InterruptError when a signal arrived, so an interrupted run 
 flight, and the committer removes what it had staged.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,6 +35,7 @@ from openpi_merge import (
     config,
     distributed,
     errors,
+    export,
     fuse,
     groups,
     manifest,
@@ -77,21 +82,24 @@ def read_input(settings: config.Settings, outcome: report.Outcome) -> Input:
     return Input(location, contents)
 
 
-def check_report_path(path: str, *, input_path: str, output: str) -> None:
-    """Raises ConfigError unless a report can be written at ``path`` without touching the input, the output or the
-    output's hidden siblings (lock, staging); EnvironmentFaultError if its dir is not writable. Checked before
-    anything else (a report of a failed run must not land there either), from the paths as given."""
+def check_report_path(path: str, *, input_path: str, outputs: dict[str, str]) -> None:
+    """Raises ConfigError unless a report can be written at ``path`` without touching the input, an output (``outputs``:
+    the config field -> its path, e.g. ``output``, ``pytorch_output``) or an output's hidden siblings (lock, staging);
+    EnvironmentFaultError if its dir is not writable. Checked before anything else (a report of a failed run must not
+    land there either), from the paths as given."""
     if not path:
         return
     resolved = storage.resolve(path)
-    taken = [(storage.resolve(p), what) for p, what in ((input_path, "the input"), (output, "the output")) if p]
-    for root, what in taken:
-        if _within(resolved, root):
+    named = {"the input": input_path, **{f"the {field}": given for field, given in outputs.items()}}
+    for what, given in named.items():
+        if given and _within(resolved, root := storage.resolve(given)):
             raise errors.ConfigError(f"report={path!r} lies inside {what} {root}: write the report elsewhere")
-    if output and not storage.is_remote(output) and not storage.is_remote(resolved):
-        target = storage.resolve(output)
+    for field, given in outputs.items():
+        if not given or storage.is_remote(given) or storage.is_remote(resolved):
+            continue
+        target = storage.resolve(given)
         if resolved.parent == target.parent and resolved.name.startswith(commit.hidden_names(target)):
-            raise errors.ConfigError(f"report={path!r} is a name the merge uses beside the output: choose another")
+            raise errors.ConfigError(f"report={path!r} is a name the merge uses beside the {field}: choose another")
     if storage.is_remote(resolved):
         return
     if resolved.is_dir():
@@ -121,10 +129,12 @@ def inspect(settings: config.Settings, outcome: report.Outcome) -> None:
 
 
 def check(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str:
-    """``mode=check``: re-reads the step dir at ``input`` and compares it with its manifest."""
+    """``mode=check``: re-reads the step dir (or export dir) at ``input`` and compares it with its manifest."""
+    given = storage.resolve(settings.input)
+    is_export = not storage.is_remote(given) and (given / manifest.FILENAME).is_file() and manifest.is_files(given)
     with outcome.stopwatch.phase("check"):
         return manifest.check(
-            checkpoint.locate_input(settings.input).root,
+            given if is_export else checkpoint.locate_input(settings.input).root,
             sharding.make_layout(settings.mesh),
             budget_bytes=_read_back_bytes(settings),
             stop=stop,
@@ -293,6 +303,38 @@ def verify_reload(
     )
 
 
+def write_exports(
+    job: Job, claims: list[tuple[export.Target, commit.Claim]], params_dir: storage.AnyPath, token: str
+) -> list[export.Proof]:
+    """Each export, from the staged params, into its own staging dir, proven (``export``)."""
+    if not claims:
+        return []
+    merged = export.Merged(params_dir, job.merge_plan, value_suffix=job.given.contents.value_suffix)
+    proofs = []
+    for target, claim in claims:
+        job.stop()
+        staging = claim.stage(token)
+        try:
+            proofs.append(export.write(target, staging, merged, job.settings, job.given.location))
+        except OSError as e:
+            if fault := claim.write_fault(e):
+                raise fault from e
+            raise
+    return proofs
+
+
+def commit_all(committer: commit.Committer | None, exports: list[commit.Claim], stop: Stop) -> None:
+    """Commits the output (None: none asked for), then each export. ``stop`` guards the first commit only: once one
+    is committed the rest follow (each a rename), so that an interrupt never splits what one run wrote."""
+    for claim in ([committer] if committer is not None else []) + exports:
+        claim.commit(stop)
+        stop = _no_stop
+
+
+def _no_stop() -> None:
+    pass
+
+
 def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str:
     """Runs one merge and returns its summary (module docstring)."""
     stopwatch = outcome.stopwatch
@@ -301,28 +343,46 @@ def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
         given = read_input(settings, outcome)
         merge_plan = outcome.merge_plan
         merge_plan.raise_on_problems()
-        target = checkpoint.resolve_output(settings.output, given.location)
+        target = checkpoint.resolve_output(settings.output, given.location) if settings.output else None
+        exports = export.targets(settings, given.location, target)
         outcome.output = target
     outcome.devices = sharding.make_layout(settings.mesh).describe()
     outcome.details.append(f"devices: {outcome.devices}")
     needed = sum(leaf.nbytes for leaf in merge_plan.leaves_out)
-    claim = commit.claim_output(
-        target,
-        overwrite=settings.overwrite,
-        needed_bytes=needed,
-        primary=distributed.is_primary(),
-        barrier=distributed.barrier,
-    )
     write = write_streamed if distributed.is_single_process() else write_in_groups
-    with claim as committer:
-        step_dir = committer.stage(distributed.shared_token())
+    with contextlib.ExitStack() as held:
+        export_claims = [
+            held.enter_context(
+                commit.claim(
+                    t.path,
+                    overwrite=settings.overwrite,
+                    needed_bytes=export.nbytes(merge_plan, settings.export_dtype),
+                    role=t.field,
+                )
+            )
+            for t in exports
+        ]
+        # No output: the Orbax params are staged beside the first export and never committed.
+        committer = held.enter_context(
+            commit.claim_output(
+                target or commit.scratch_target(exports[0].path),
+                overwrite=settings.overwrite or target is None,
+                needed_bytes=needed,
+                primary=distributed.is_primary(),
+                barrier=distributed.barrier,
+            )
+        )
+        token = distributed.shared_token()
+        step_dir = committer.stage(token)
         params_dir = step_dir / PARAMS_KEY
+        job = Job(settings, given, merge_plan, outcome, stop)
         try:
             with stopwatch.phase("write"):
-                written = write(Job(settings, given, merge_plan, outcome, stop), committer, params_dir)
+                written = write(job, committer, params_dir)
             stop()
             with stopwatch.phase("seal"):
-                outcome.checks, outcome.provenance = written.checks, seal(given, merge_plan, step_dir, target, written)
+                outcome.checks = written.checks
+                outcome.provenance = seal(given, merge_plan, step_dir, target or exports[0].path, written)
         except (OSError, ValueError, RuntimeError) as e:  # Orbax, TensorStore and the storage clients raise all three.
             if fault := committer.write_fault(e):
                 raise fault from e
@@ -338,17 +398,30 @@ def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
                     orbax_committed=committer.staged_readable_by_orbax,
                     stop=stop,
                 )
+        proofs = []
+        if exports:
+            with stopwatch.phase("export"):
+                proofs = write_exports(job, list(zip(exports, export_claims, strict=True)), params_dir, token)
+        outcome.exports = [proof.to_json() for proof in proofs]
         outcome.details.append(f"peak memory: {memory.peak_rss_bytes() / 1e9:.3g} GB resident")
         staged_report = report.stage(settings, outcome) if distributed.is_primary() else None
         try:
-            committer.commit(stop)
+            commit_all(committer if target is not None else None, export_claims, stop)
         except BaseException:
             if staged_report is not None:
                 staged_report.discard()
             raise
-    outcome.details += [f"note: {note}" for note in committer.notes]
+    notes = committer.notes + [note for claim in export_claims for note in claim.notes]
+    outcome.details += [f"note: {note}" for note in notes]
     if staged_report is not None:
-        staged_report.publish(target)
+        staged_report.publish(target or ", ".join(str(t.path) for t in exports))
         outcome.report_written = True
-    rendered = summary.render(merge_plan, outcome.checks, target, stopwatch, outcome.provenance.get("assets"))
+    rendered = summary.render(
+        merge_plan,
+        outcome.checks,
+        target,
+        stopwatch,
+        outcome.provenance.get("assets"),
+        [line for proof in proofs for line in proof.describe()],
+    )
     return "\n".join([rendered, *(f"  {line}" for line in outcome.details)])

@@ -28,6 +28,7 @@ class Outcome:
     provenance: dict = dataclasses.field(default_factory=dict)  # Written into the output step dir, once written.
     config: dict = dataclasses.field(default_factory=dict)  # The config as given, for the report.
     report_written: bool = False  # The run published its report itself (a merge, right after its commit).
+    exports: list[dict] = dataclasses.field(default_factory=list)  # Each export written: files, dtype, proof.
 
 
 def _leaf(leaf: plan.Leaf) -> dict:
@@ -100,6 +101,7 @@ def render(config: dict, outcome: Outcome, *, exit_code: int, error: str | None)
             },
         },
         "verification": fuse.worst_by_kind(outcome.checks),  # Worst per expert and module kind.
+        "exports": outcome.exports,
         "provenance": outcome.provenance,
         "seconds": outcome.stopwatch.seconds,
         "backend": jax.default_backend(),

@@ -82,18 +82,21 @@ def _rounding_notes(checks: list[fuse.Check]) -> list[str]:
     return [
         f"{check.pair.out_dtype.name} rounding erased {min(check.rounding_loss, 1):.0%} of {expert}'s {kind} LoRA "
         f"update (rounding error against the update's size; {check.changed_fraction:.1%} of kernel elements changed): "
-        "--config.dtype=float32 keeps it"
+        "--config.dtype=float32 keeps it in the Orbax output, though openpi's JAX server restores every parameter as "
+        "bfloat16 and rounds it away again at load; where it is served in float32 (a float32 PyTorch export, "
+        "--config.export_dtype=float32 with --config.dtype=float32) it survives"
         for (expert, kind), check in worst.items()
         if check.rounding_loss > ROUNDING_NOTE_THRESHOLD
     ]
 
 
-def _pi05_path_note(merge_plan: plan.Plan, output: pathlib.Path) -> list[str]:
-    if merge_plan.model != "pi05" or "pi05" in str(output):
+def _pi05_path_note(merge_plan: plan.Plan, output: pathlib.Path | None) -> list[str]:
+    if merge_plan.model != "pi05" or output is None or "pi05" in str(output):
         return []
     return [
         "openpi's PyTorch converter (examples/convert_jax_model_to_pytorch.py) picks the pi0.5 layout only when "
-        f"'pi05' is in the checkpoint path, and {output} has none: rename it or link it before converting"
+        f"'pi05' is in the checkpoint path, and {output} has none: --config.pytorch_output=DIR writes the PyTorch "
+        "layout directly (or rename the dir before converting)"
     ]
 
 
@@ -111,12 +114,14 @@ def _assets_line(asset_ids: list[str] | None) -> list[str]:
 def render(
     merge_plan: plan.Plan,
     checks: list[fuse.Check],
-    output: pathlib.Path,
+    output: pathlib.Path | None,
     stopwatch: Stopwatch,
     asset_ids: list[str] | None,
+    exports: Sequence[str] = (),
 ) -> str:
     """Pairs per expert and module kind with ranks, scales, verification and rounding; where each setting came from;
-    the asset ids carried; leaves and bytes in and out, time per phase."""
+    the asset ids carried; the exports (``exports``: their lines); leaves and bytes in and out, time per phase.
+    ``output`` None: no Orbax output was asked for."""
     worst = fuse.worst_by_kind(checks)
     rounding: dict[tuple[str, str], tuple[float, float]] = {}
     for check in checks:
@@ -144,12 +149,14 @@ def render(
     phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in stopwatch.seconds.items())
     return "\n".join(
         [
-            f"openpi-merge: folded {len(merge_plan.pairs)} LoRA pairs into {output}",
+            f"openpi-merge: folded {len(merge_plan.pairs)} LoRA pairs into "
+            + (str(output) if output else "the exports below (no Orbax output asked for)"),
             *_table([header, *rows]),
             "  changed: least share of a kernel's elements the merge changed; rounding: worst rounding error of the "
             "stored kernel against the LoRA update's size (0: kept exactly, 1: erased)",
             *(f"  {line}" for line in provenance.settings_lines(merge_plan)),
             *(f"  {line}" for line in _assets_line(asset_ids)),
+            *(f"  export: {line}" if not line.startswith(" ") else f"  {line}" for line in exports),
             *_totals(merge_plan),
             f"  time:   {stopwatch.total:.2f} s ({phases})",
             *(

@@ -3,12 +3,14 @@
 Contract:
 
 - ``state_dict(params, model, dtype)`` maps a merged (LoRA-free) flat parameter tree, paths without the ``params``
-  prefix or ``value`` suffix, numpy arrays (bfloat16 as ``ml_dtypes.bfloat16``), to exactly the keys, shapes and
-  dtypes of openpi's ``PI0Pytorch(config).state_dict()`` as ``safetensors.torch.load_model`` (openpi's
-  ``load_pytorch``) loads it strictly: tied weights once (the PaliGemma ``lm_head`` shares ``embed_tokens``, so it is
-  left out, as ``safetensors.torch.save_model`` leaves it out). Every shape comes from the tree's own shapes; the
-  layout (pi0, or pi0.5 with adaRMS ``Dense_0`` leaves under the action expert's ``*_norm_1``) comes from the tree,
-  and a ``model`` that disagrees with it is refused. pi0-FAST is refused: openpi has no PyTorch pi0-FAST.
+  prefix or ``value`` suffix, numpy arrays (bfloat16 as ``ml_dtypes.bfloat16``) or anything with a ``shape`` that
+  indexing turns into one (``export.Merged`` reads each slice from the written checkpoint; ``a[()]`` is all of it), to
+  exactly the keys, shapes and dtypes of openpi's ``PI0Pytorch(config).state_dict()`` as
+  ``safetensors.torch.load_model`` (openpi's ``load_pytorch``) loads it strictly: tied weights once (the PaliGemma
+  ``lm_head`` shares ``embed_tokens``, so it is left out, as ``safetensors.torch.save_model`` leaves it out). Every
+  shape comes from the tree's own shapes; the layout (pi0, or pi0.5 with adaRMS ``Dense_0`` leaves under the action
+  expert's ``*_norm_1``) comes from the tree, and a ``model`` that disagrees with it is refused. pi0-FAST is refused:
+  openpi has no PyTorch pi0-FAST.
 - dtype ``"bfloat16"`` (default) gives the dtypes of ``PI0Pytorch`` built with ``dtype="bfloat16"``: bfloat16
   everywhere except what openpi keeps float32 (``PaliGemmaWithExpertModel.to_bfloat16_for_selected_params``: SigLIP's
   patch and position embeddings, every Gemma RMSNorm including pi0.5's adaRMS ``dense``) and the projections
@@ -165,17 +167,17 @@ class _PatchConv:
 
     def tensors(self, params):
         return {
-            f"{self.prefix}.weight": params[self.kernel].transpose(3, 2, 0, 1),
-            f"{self.prefix}.bias": params[self.bias],
+            f"{self.prefix}.weight": params[self.kernel][()].transpose(3, 2, 0, 1),
+            f"{self.prefix}.bias": params[self.bias][()],
         }
 
     def probe(self, tensors, params, rng):
-        k = params[self.kernel]
+        k = params[self.kernel][()]
         w, b = tensors[f"{self.prefix}.weight"], tensors[f"{self.prefix}.bias"]
         x = rng.standard_normal((_PROBES, *k.shape[:3]))  # One patch each, HWC; a stride-P valid conv sees it alone.
         got = np.einsum("tihw,oihw->to", x.transpose(0, 3, 1, 2), _f64(w)) + _f64(b)
         for ref_dtype in (w.dtype, None):
-            kr, br = _f64(k, ref_dtype), _f64(params[self.bias], None if ref_dtype is None else b.dtype)
+            kr, br = _f64(k, ref_dtype), _f64(params[self.bias][()], None if ref_dtype is None else b.dtype)
             want = np.einsum("thwi,hwio->to", x, kr) + br
             mag = np.einsum("thwi,hwio->to", np.abs(x), np.abs(kr)) + np.abs(br)
             yield got, want, mag, *_pass(ref_dtype, w.dtype, k.dtype)
@@ -229,12 +231,12 @@ class _Embedding:
         return {self.key: (math.prod(shape[:-1]), shape[-1])}
 
     def tensors(self, params):
-        t = params[self.table]
+        t = params[self.table][()]
         return {self.key: t.reshape(-1, t.shape[-1])}
 
     def probe(self, tensors, params, rng):
         w = tensors[self.key]
-        t = params[self.table].reshape(-1, w.shape[-1])
+        t = params[self.table][()].reshape(-1, w.shape[-1])
         rows = rng.integers(0, t.shape[0], _PROBES)
         got = _f64(w[rows])
         for ref_dtype in (w.dtype, None):
@@ -495,6 +497,15 @@ def config_json(
     }
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (``os.umask`` would change it for every thread meanwhile)."""
+    try:
+        status = pathlib.Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
+
+
 def write(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray], *, config_json: dict) -> pathlib.Path:
     """Writes ``model.safetensors`` and ``config.json`` into ``directory`` (created if missing); returns it."""
     import safetensors.numpy  # Core dependency, imported where used: the merge itself never needs it.
@@ -502,6 +513,7 @@ def write(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray], *, co
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     safetensors.numpy.save_file(dict(tensors), directory / SAFETENSORS_FILE, metadata={"format": "pt"})
+    os.chmod(directory / SAFETENSORS_FILE, 0o666 & ~_umask())  # safetensors creates it 0600: made like any file here.
     (directory / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
     return directory
 

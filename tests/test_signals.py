@@ -63,10 +63,10 @@ def test_a_sigterm_just_before_the_commit_keeps_the_old_output(tiny_checkpoint, 
 
 
 def _before_any_code_of_ours(stderr: str) -> bool:
-    """A KeyboardInterrupt inside the interpreter's own start-up (``site``: about 15 ms, before the package is
-    imported), which no code of a program can catch."""
+    """A KeyboardInterrupt inside the interpreter's own start-up (``site``, then ``runpy`` finding the package: about
+    15 ms, before the package's first line runs), which no code of a program can catch."""
     frames = [line for line in stderr.splitlines() if line.strip().startswith('File "')]
-    start_up = ('"<frozen site>"', '/site.py"', '"<frozen importlib')
+    start_up = ('"<frozen site>"', '/site.py"', '"<frozen importlib', '"<frozen runpy>"')
     return bool(frames) and all(any(part in f for part in start_up) for f in frames)
 
 
