@@ -254,7 +254,7 @@ class Claim:
                 raise errors.os_fault(e, staging.parent, "cannot create a staging dir in") from e
         self.staging = staging
         self.barrier("staging-ready")
-        test_point("staging-ready")
+        test_point("staging-ready" if self.role == "output" else f"{self.role}-staging-ready")
         return staging
 
     def commit(self, stop: Callable[[], None] = lambda: None) -> None:

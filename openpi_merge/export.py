@@ -126,9 +126,9 @@ class Proof:
         lines = [f"{self.target.field}: {self.target.path} ({self.dtype}; {', '.join(self.files)})"]
         for kind, stats in sorted(self.kinds.items()):
             lines.append(
-                f"  {kind}: {stats['tensors']} tensors, max error {stats['max_rel_error']:.2g} of the merged "
-                f"outputs, {stats['bound_ratio']:.2g} of float32 rounding's bound, "
-                f"{stats['rounding_ratio']:.2g} of {self.dtype} rounding's"
+                f"  {kind}: {stats['tensors']} tensors, worst error {stats['max_rel_error']:.2g} of the largest "
+                f"output; {stats['bound_ratio']:.2g} of float32 rounding's bound against the stored values, "
+                f"{stats['rounding_ratio']:.2g} of {self.dtype} rounding's against the merged ones"
             )
         if self.framework:
             lines.append(f"  {self.framework}")

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import pathlib
+import re
 from collections.abc import Callable, Iterator, Mapping
 
 import ml_dtypes
@@ -512,10 +513,25 @@ def write(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray], *, co
 
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(dict(tensors), directory / SAFETENSORS_FILE, metadata={"format": "pt"})
+    try:
+        safetensors.numpy.save_file(dict(tensors), directory / SAFETENSORS_FILE, metadata={"format": "pt"})
+    except safetensors.SafetensorError as e:
+        if (fault := _os_error(e, directory / SAFETENSORS_FILE)) is None:
+            raise
+        raise fault from e
     os.chmod(directory / SAFETENSORS_FILE, 0o666 & ~_umask())  # safetensors creates it 0600: made like any file here.
     (directory / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
     return directory
+
+
+def _os_error(error: Exception, path: pathlib.Path) -> OSError | None:
+    """safetensors' Rust writer reports a failed write as ``SafetensorError("... (os error 28)")``: the OSError it
+    stands for, so that the caller names the fault (a full disk) like any other; None for any other error."""
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def read(directory: str | os.PathLike) -> dict[str, np.ndarray]:

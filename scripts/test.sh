@@ -20,7 +20,21 @@ make_venv latest --upgrade
 "$venvs/latest/bin/ruff" check .
 "$venvs/latest/bin/ruff" format --check .
 
+# The two stacks run side by side (2 cores: about 0.6x the time of one after the other); each one's output is
+# printed whole once both are done, pinned first.
+logs="$(mktemp -d)"
+trap 'rm -rf "$logs"' EXIT
+OPENPI_MERGE_OTHER_PYTHON="$PWD/$venvs/latest/bin/python" "$venvs/pinned/bin/python" -m pytest -q "$@" \
+  >"$logs/pinned" 2>&1 &
+pinned=$!
+OPENPI_MERGE_OTHER_PYTHON="$PWD/$venvs/pinned/bin/python" "$venvs/latest/bin/python" -m pytest -q "$@" \
+  >"$logs/latest" 2>&1 &
+latest=$!
 status=0
-OPENPI_MERGE_OTHER_PYTHON="$PWD/$venvs/latest/bin/python" "$venvs/pinned/bin/python" -m pytest -q "$@" || status=1
-OPENPI_MERGE_OTHER_PYTHON="$PWD/$venvs/pinned/bin/python" "$venvs/latest/bin/python" -m pytest -q "$@" || status=1
+wait $pinned || status=1
+wait $latest || status=1
+for stack in pinned latest; do
+  echo "=== $stack stack ==="
+  cat "$logs/$stack"
+done
 exit $status

@@ -1,6 +1,10 @@
-"""Shared fixtures: small openpi-shaped LoRA checkpoints written by Orbax, and a GCS emulator on 127.0.0.1."""
+"""Shared fixtures: small openpi-shaped LoRA checkpoints written by Orbax, real mounts (tmpfs, bind), and a GCS
+emulator on 127.0.0.1."""
 
+import os
 import pathlib
+import shutil
+import subprocess
 
 import pytest
 from etils import epath
@@ -35,6 +39,36 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+
+
+def _mount_points_under(root: pathlib.Path) -> list[str]:
+    """Mount points at or below ``root`` as the kernel lists them now (a mount moves with a renamed dir)."""
+    points = [line.split()[4] for line in pathlib.Path("/proc/self/mountinfo").read_text().splitlines()]
+    return [p for p in points if p == str(root) or p.startswith(f"{root}/")]
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    """Mounts for one test, unmounted afterwards wherever the test's runs moved them; skips where this process cannot
+    mount."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) for a real tmpfs or bind mount")
+    mounted = []
+
+    def mount(*args: str) -> None:
+        try:
+            _mount(*args)
+        except subprocess.CalledProcessError as e:
+            pytest.skip(f"mount {' '.join(args)} failed here: {e.stderr.strip()}")
+        mounted.append(args[-1])
+
+    yield mount
+    for point in [*reversed(mounted), *reversed(_mount_points_under(tmp_path))]:
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
 GCS_BUCKET = "openpi-merge-test"

@@ -20,29 +20,6 @@ from openpi_merge import errors
 from openpi_merge.testing import synthetic
 
 
-def _mount(*args: str) -> None:
-    subprocess.run(["mount", *args], check=True, capture_output=True)
-
-
-@pytest.fixture
-def mounts():
-    """Mounts for one test, unmounted afterwards; skips where this process cannot mount."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root and mount(8) for a real tmpfs or bind mount")
-    mounted = []
-
-    def mount(*args: str) -> None:
-        try:
-            _mount(*args)
-        except subprocess.CalledProcessError as e:
-            pytest.skip(f"mount {' '.join(args)} failed here: {e.stderr.strip()}")
-        mounted.append(args[-1])
-
-    yield mount
-    for point in reversed(mounted):
-        subprocess.run(["umount", "-l", point], check=False)
-
-
 @pytest.fixture
 def input_copy(tiny_checkpoint, tmp_path):
     """A private copy of the tiny pi0 checkpoint and its hashes, to prove it is never modified."""
