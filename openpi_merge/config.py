@@ -6,6 +6,7 @@ Each expert's LoRA settings are resolved here, each with where it came from: the
 """
 
 import dataclasses
+import importlib.util
 import math
 import pathlib
 import re
@@ -55,9 +56,9 @@ FIELDS: tuple[Field, ...] = (
           "`model.safetensors`, processor files with the norm stats) for `PI0Policy` / `PI05Policy.from_pretrained`"),
     Field("export_dtype", "bfloat16", "`bfloat16`", "dtype of the exports' weights: `bfloat16` (what openpi's "
           "PyTorch model runs in; its norms and embeddings stay float32) or `float32`"),
-    Field("export_check", False, "`False`", "load each export with the framework itself (openpi's `load_pytorch`, "
-          "LeRobot's `from_pretrained`; torch and openpi or lerobot must be importable) before committing: every key "
-          "loaded, and actions compared with openpi's JAX LoRA model on the unmerged input"),
+    Field("export_check", False, "`False`", "before committing, load the PyTorch export with openpi's own "
+          "`load_pytorch` (strict: every key) and compare its actions with openpi's JAX LoRA model on the unmerged "
+          "input; needs torch and openpi importable (openpi's env). See Deploy in the README"),
     Field("action_horizon", int, "train_config's, else 50", "actions per chunk, as the exports' `config.json` "
           "records it (not stored in checkpoints; openpi's `Pi0Config` default is 50)"),
     Field("asset_id", "", "the only one", "which `assets/<asset_id>/norm_stats.json` the LeRobot export normalises "
@@ -379,14 +380,19 @@ def _exports(config: ml_collections.ConfigDict) -> dict[str, str]:
     """The exports asked for (kind -> dir), checked against what they can be written from."""
     exports = {kind: config[field] for kind, field in EXPORT_FIELDS.items() if config[field]}
     if not exports:
+        if config.export_check:
+            raise errors.ConfigError("export_check=True checks an export: pass --config.pytorch_output=DIR too")
         return exports
     if config.export_dtype not in EXPORT_DTYPES:
         raise errors.ConfigError(f"export_dtype={config.export_dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    if "lerobot" in exports:
+        raise errors.ConfigError(
+            "lerobot_output: the LeRobot export is not in this build; write pytorch_output (openpi's PyTorch layout)"
+        )
     names = " and ".join(EXPORT_FIELDS[kind] for kind in exports)
     if config.model == "pi0_fast":
         raise errors.ConfigError(
-            f"{names}: openpi has no PyTorch pi0-FAST model (and LeRobot's pi0_fast is not openpi's layout): "
-            "merge pi0-FAST to the Orbax output only"
+            f"{names}: openpi has no PyTorch pi0-FAST model to export to: merge pi0-FAST to the Orbax output only"
         )
     for kind, path in exports.items():
         if storage.is_remote(path):
@@ -400,6 +406,13 @@ def _exports(config: ml_collections.ConfigDict) -> dict[str, str]:
         )
     if config.distributed.enabled:
         raise errors.ConfigError(f"{names}: exports are written by a single-process merge; drop distributed.enabled")
+    if config.export_check:  # Before the merge's minutes, not after them.
+        missing = [m for m in ("torch", "openpi") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise errors.ConfigError(
+                f"export_check=True loads the export with openpi's PyTorch model, but {' and '.join(missing)} "
+                "cannot be imported here: run in openpi's environment (with its PyTorch set-up) or leave it off"
+            )
     return exports
 
 

@@ -13,8 +13,8 @@ Contract, for each export dir E of a run (local dirs only: ``config`` refuses ob
    ``mode=check`` on E verifies.
 4. Prove, still before anything is committed: the written ``model.safetensors`` is re-read and every tensor checked
    against the merged arrays through its PyTorch module's own equation on random probes (``torch_export.check``,
-   numpy only); NumericsError (exit 5) on any failure. With ``export_check``, the framework itself loads E too
-   (``framework_check``).
+   numpy only); NumericsError (exit 5) on any failure. With ``export_check``, openpi's own code loads E and its
+   actions are compared with openpi's JAX LoRA model on the input (``framework_check``).
 5. Commit: ``pipeline.merge`` commits every claim once all are written and proven, the Orbax output first, then the
    exports in the order of ``config.EXPORT_FIELDS``; each commit is its own atomic rename or exchange (``commit``).
 
@@ -153,8 +153,7 @@ def write(
     Raises PlanError for a tree the export's layout cannot take, NumericsError if the proof fails, InputError for an
     unreadable merged array or asset, and lets OSError through for the caller's committer to name.
     """
-    if target.kind != "pytorch":
-        raise errors.ConfigError(f"{target.field}: the LeRobot export is not available in this build")
+    assert target.kind == "pytorch", target  # config refuses the others.
     try:
         tensors = torch_export.state_dict(merged, settings.model, settings.export_dtype)
     except KeyError as e:
@@ -173,8 +172,13 @@ def write(
     )
     del tensors
     kinds = torch_export.check(_Written(staging / torch_export.SAFETENSORS_FILE), merged, settings.model)
+    framework = None
+    if settings.export_check:
+        from openpi_merge import framework_check  # Imports torch and openpi: only when asked for.
+
+        framework = framework_check.pytorch(staging, settings, pathlib.Path(source.params_dir), int(action_in[0]))
     asset_ids = checkpoint.copy_assets(source, staging)
     manifest.write_files(staging, kind=target.kind)
     files = [torch_export.SAFETENSORS_FILE, torch_export.CONFIG_FILE]
     files.append(f"{ASSETS_DIR}/ ({', '.join(asset_ids)})" if asset_ids else "no assets/: the input carried none")
-    return Proof(target, files, settings.export_dtype, kinds)
+    return Proof(target, files, settings.export_dtype, kinds, framework)

@@ -149,15 +149,10 @@ def _partial(target: pathlib.Path) -> pathlib.Path:
     return target.with_name(f".{target.name}.tmp")
 
 
-def stage(settings, outcome: Outcome) -> Staged | None:
-    """Stages the success report of the run (``Staged``); None without ``report``. Raises EnvironmentFaultError if a
-    local report cannot be written."""
-    if not settings.report:
-        return None
-    text = render(outcome.config, outcome, exit_code=0, error=None)
-    if storage.is_remote(settings.report):
-        return Staged(settings.report, text, None)
-    target = pathlib.Path(settings.report).expanduser().resolve()
+def _write_partial(path: str, text: str) -> pathlib.Path:
+    """Writes ``text`` to the hidden file beside the local report ``path``, flushed to disk; returns it. Raises
+    EnvironmentFaultError (and leaves no hidden file) if the filesystem refuses."""
+    target = pathlib.Path(path).expanduser().resolve()
     partial = _partial(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +164,18 @@ def stage(settings, outcome: Outcome) -> Staged | None:
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
         raise errors.os_fault(e, target, "cannot write the report") from e
-    return Staged(settings.report, text, partial)
+    return partial
+
+
+def stage(settings, outcome: Outcome) -> Staged | None:
+    """Stages the success report of the run (``Staged``); None without ``report``. Raises EnvironmentFaultError if a
+    local report cannot be written."""
+    if not settings.report:
+        return None
+    text = render(outcome.config, outcome, exit_code=0, error=None)
+    if storage.is_remote(settings.report):
+        return Staged(settings.report, text, None)
+    return Staged(settings.report, text, _write_partial(settings.report, text))
 
 
 def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: str | None) -> None:
@@ -184,13 +190,9 @@ def write(path: str, config: dict, outcome: Outcome, *, exit_code: int, error: s
         except Exception as e:  # gcsfs and the HTTP layers under it raise many types.
             raise errors.EnvironmentFaultError(f"cannot write the report {path}: {storage.reason(e)}") from e
         return
-    target = pathlib.Path(path).expanduser().resolve()
-    partial = _partial(target)
+    staged = Staged(path, text, _write_partial(path, text))
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(text)
-        os.replace(partial, target)
+        os.replace(staged.partial, pathlib.Path(path).expanduser().resolve())
     except OSError as e:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
-        raise errors.os_fault(e, target, "cannot write the report") from e
+        staged.discard()
+        raise errors.os_fault(e, pathlib.Path(path).expanduser().resolve(), "cannot write the report") from e

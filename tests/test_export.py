@@ -175,3 +175,19 @@ def test_a_full_disk_during_the_export_commits_neither_the_export_nor_the_output
     again = merge(step, disk / "out", f"--config.pytorch_output={disk / 'torch'}")
     assert again.returncode == 0, again.stderr
     assert sorted(p.name for p in disk.iterdir()) == ["out", "torch"]
+
+
+def test_export_check_without_an_export_is_refused(tiny_checkpoint, tmp_path):
+    result = merge(tiny_checkpoint("pi0"), tmp_path / "out", "--config.export_check=True")
+    error_line(result.returncode, result.stderr, errors.ConfigError.exit_code, "pass --config.pytorch_output")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_check_where_torch_or_openpi_is_missing_is_refused_before_the_merge(tiny_checkpoint, tmp_path):
+    import importlib.util
+
+    if all(importlib.util.find_spec(m) for m in ("torch", "openpi")):
+        pytest.skip("torch and openpi are both importable here: the framework tier runs export_check")
+    result = _export_only(tiny_checkpoint("pi0"), tmp_path / "torch", "--config.export_check=True")
+    error_line(result.returncode, result.stderr, errors.ConfigError.exit_code, "cannot be imported here")
+    assert list(tmp_path.iterdir()) == []
