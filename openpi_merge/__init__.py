@@ -22,6 +22,8 @@ def _started_as_program() -> bool:
 
 if _started_as_program():
     # First of all, with nothing imported: Python imports and compiles __main__ after this, and a Ctrl-C meanwhile
-    # would be a KeyboardInterrupt traceback. ``signals.install`` takes over what arrives here.
+    # would be a KeyboardInterrupt traceback. ``signals.install`` takes over what arrives here. A signal ignored when
+    # the program started (SIGINT of a background job that a script started: the shell's choice) stays ignored.
     for _signum in (_signal.SIGINT, _signal.SIGTERM):
-        _signal.signal(_signum, lambda signum, frame: early_signals.append(signum))
+        if _signal.getsignal(_signum) != _signal.SIG_IGN:
+            _signal.signal(_signum, lambda signum, frame: early_signals.append(signum))

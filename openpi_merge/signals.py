@@ -27,7 +27,8 @@ def install() -> None:
     """Sets the handlers, then unblocks the two signals: one that came while they were blocked (``held``, across the
     huge-pages restart) is delivered now, to the handler."""
     for signum in _SIGNALS:
-        signal.signal(signum, _handle)
+        if signal.getsignal(signum) != signal.SIG_IGN:  # Ignored when the program started: left so (openpi_merge).
+            signal.signal(signum, _handle)
     for signum in openpi_merge.early_signals[:1]:  # Came while the package's own early handler was in place.
         _handle(signum, None)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)

@@ -4,6 +4,7 @@ emulator on 127.0.0.1."""
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -11,6 +12,11 @@ from etils import epath
 
 from openpi_merge import storage
 from openpi_merge.testing import synthetic
+
+# A suite started in the background by a script (scripts/test.sh runs both stacks at once) inherits SIGINT ignored,
+# as the shell sets it for background jobs, and so would every merge it starts, which keeps it ignored: the signal
+# tests start their merges with the disposition a user's interactive shell gives.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -48,9 +48,9 @@ def merge_ok(step: object, out: object, *overrides: str, model: str = "pi0") -> 
     return result
 
 
-def start_merge(step: object, out: object, *overrides: str, model: str = "pi0", hook: str | None = None):
+def start_merge(step: object, out: object, *overrides: str, model: str = "pi0", hook: str | None = None, **kw):
     """Starts a merge without waiting for it (``start_cli``)."""
-    return start_cli(*merge_args(step, out, *overrides, model=model), hook=hook)
+    return start_cli(*merge_args(step, out, *overrides, model=model), hook=hook, **kw)
 
 
 def run_cli(*args: str, cwd: pathlib.Path = REPO, hook: str | None = None) -> subprocess.CompletedProcess:
@@ -65,10 +65,15 @@ def run_cli(*args: str, cwd: pathlib.Path = REPO, hook: str | None = None) -> su
     )
 
 
-def start_cli(*args: str, hook: str | None = None) -> subprocess.Popen:
-    """Starts ``python -m openpi_merge`` without waiting for it; ``communicate()`` gives (stdout, stderr)."""
+def start_cli(*args: str, hook: str | None = None, ignoring_sigint: bool = False) -> subprocess.Popen:
+    """Starts ``python -m openpi_merge`` without waiting for it; ``communicate()`` gives (stdout, stderr).
+    ``ignoring_sigint``: started with SIGINT ignored, as a shell starts a background job (through ``sh``, which
+    ``exec``s it: no Python runs in a forked child of this multithreaded process)."""
+    command = [sys.executable, "-m", "openpi_merge", *args]
+    if ignoring_sigint:
+        command = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
     return subprocess.Popen(
-        [sys.executable, "-m", "openpi_merge", *args],
+        command,
         cwd=REPO,
         env=_env(hook),
         stdout=subprocess.PIPE,
