@@ -109,7 +109,7 @@ def read_norm_stats(path: str | os.PathLike) -> dict:
     """The parsed ``norm_stats.json`` at ``path``; ``PlanError`` if it is missing, ``InputError`` if not JSON."""
     path = pathlib.Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise errors.PlanError(
             f"LeRobot export: no norm stats at {path}: the export needs openpi's norm_stats.json"
@@ -117,7 +117,7 @@ def read_norm_stats(path: str | os.PathLike) -> dict:
     except OSError as e:
         raise errors.os_fault(e, path, "reading norm stats") from e
     try:
-        return json.loads(text)
+        return json.loads(raw.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise errors.InputError(f"LeRobot export: malformed norm stats {path}: not JSON ({e})") from e
 
@@ -129,7 +129,11 @@ def _stat(values: object, where: str) -> np.ndarray:
         raise errors.InputError(
             f"LeRobot export: malformed norm stats: {where} holds a value that is not a finite number"
         )
-    return np.asarray(values, np.float32)
+    with np.errstate(over="ignore"):
+        array = np.asarray(values, np.float64).astype(np.float32)
+    if not np.all(np.isfinite(array)):
+        raise errors.InputError(f"LeRobot export: malformed norm stats: {where} holds a value beyond float32's range")
+    return array
 
 
 def convert_norm_stats(norm_stats: object, model: str) -> dict[str, dict[str, np.ndarray]]:
