@@ -207,9 +207,10 @@ def policy_state_dict(tensors: Mapping[str, np.ndarray], dtype: str = "float32")
     if PALIGEMMA_LM_HEAD in tensors:
         raise errors.PlanError(f"LeRobot export: the tensors hold {PALIGEMMA_LM_HEAD}: openpi's layout leaves it out")
     out: dict[str, np.ndarray] = {}
-    for key, tensor in {**tensors, PALIGEMMA_LM_HEAD: tensors[EMBED_TOKENS]}.items():
+    for key, tensor in tensors.items():
         array = np.asarray(tensor)
         out[PREFIX + key] = np.ascontiguousarray(array.astype(_stored_dtype(key, want), copy=False))
+    out[PREFIX + PALIGEMMA_LM_HEAD] = out[PREFIX + EMBED_TOKENS]  # The same array: written twice, converted once.
     return out
 
 
