@@ -459,6 +459,7 @@ def merged_small(lerobot_small, tmp_path_factory):
 def test_lerobot_loads_the_export_and_its_actions_are_openpis(merged_small, model, dtype, tmp_path):
     import safetensors.numpy
     import torch
+    from lerobot.policies.factory import make_pre_post_processors
     from lerobot.policies.pi0.modeling_pi0 import PI0Policy
     from lerobot.policies.pi0.processor_pi0 import make_pi0_pre_post_processors
     from lerobot.policies.pi05.modeling_pi05 import PI05Policy
@@ -512,6 +513,10 @@ def test_lerobot_loads_the_export_and_its_actions_are_openpis(merged_small, mode
         to_transition=policy_action_to_transition,
         to_output=transition_to_policy_action,
     )
+    # And as LeRobot's own scripts load a policy's processors (lerobot-eval, lerobot-record: --policy.path=DIR).
+    factory_pre, factory_post = make_pre_post_processors(
+        policy.config, pretrained_path=str(out), preprocessor_overrides=tokenizer
+    )
     stats = le.convert_norm_stats(norm_stats, model)
     own_pre, own_post = make_processors(
         policy.config, {f: {s: torch.from_numpy(a) for s, a in v.items()} for f, v in stats.items()}
@@ -540,7 +545,13 @@ def test_lerobot_loads_the_export_and_its_actions_are_openpis(merged_small, mode
         else (normalised.numpy() + 1) / 2 * (a["q99"] - a["q01"]) + a["q01"]
     )
     np.testing.assert_allclose(post(normalised).numpy(), want, rtol=1e-6, atol=1e-6)
-    assert pre.steps  # Built, tokenizer and all.
+    np.testing.assert_allclose(factory_post(normalised).numpy(), want, rtol=1e-6, atol=1e-6)
+    flat_stats = {f"{f}.{s}": a for f, v in stats.items() for s, a in v.items()}
+    for pipeline in (pre, factory_pre):  # The normaliser holds our stats, for state and actions.
+        (normalizer,) = [s for s in pipeline.steps if type(s).__name__ == "NormalizerProcessorStep"]
+        state = {k: v.numpy() for k, v in normalizer.state_dict().items()}
+        assert state.keys() == flat_stats.keys()
+        assert all(np.array_equal(state[k], flat_stats[k]) for k in state)
 
     # LeRobot's actions on the model's inputs equal openpi's PI0Pytorch's on the same weights, inputs and noise.
     if run["openpi"] is None:
