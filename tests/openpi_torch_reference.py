@@ -3,13 +3,13 @@
 Run by another Python than the test's, the torch tier's (openpi's PyTorch model needs transformers 4.53.2 with openpi's
 replacements, LeRobot 0.6.1 transformers 5):
 
-    python tests/openpi_torch_reference.py MODEL DTYPES WEIGHTS INPUTS OUTPUT
+    python tests/openpi_torch_reference.py DTYPES INPUTS MODEL:WEIGHTS:OUTPUT [MODEL:WEIGHTS:OUTPUT ...]
 
-DTYPES is comma-separated, WEIGHTS a ``model.safetensors`` in openpi's layout, INPUTS an ``.npz`` holding ``noise`` and
-the observation of ``openpi_torch.observation`` flattened as ``image/<key>``, ``image_mask/<key>``, ``state``,
-``tokenized_prompt``, ``tokenized_prompt_mask``. OUTPUT (``.npz``) gets one float32 array of actions per dtype, named
-by it: ``PI0Pytorch`` built with that dtype and loaded from WEIGHTS by openpi's ``load_pytorch``. Exits 3 with the
-reason on stderr when openpi's PyTorch model cannot run in this Python.
+DTYPES is comma-separated; INPUTS an ``.npz`` holding ``noise`` and the observation of ``openpi_torch.observation``
+flattened as ``image/<key>``, ``image_mask/<key>``, ``state``, ``tokenized_prompt``, ``tokenized_prompt_mask``; each
+WEIGHTS a ``model.safetensors`` in openpi's layout. Each OUTPUT (``.npz``) gets one float32 array of actions per dtype,
+named by it: ``PI0Pytorch`` of MODEL built with that dtype and loaded from WEIGHTS by openpi's ``load_pytorch``. Exits
+3 with the reason on stderr when openpi's PyTorch model cannot run in this Python.
 """
 
 import pathlib
@@ -22,7 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import openpi_torch
 
 
-def main(model: str, dtypes: str, weights: str, inputs: str, output: str) -> int:
+def main(dtypes: str, inputs: str, *jobs: str) -> int:
     why = openpi_torch.available()
     if why is not None:
         print(why, file=sys.stderr)
@@ -35,13 +35,14 @@ def main(model: str, dtypes: str, weights: str, inputs: str, output: str) -> int
             obs[group][name] = value
         elif key != "noise":
             obs[key] = value
-    actions = {}
     with openpi_torch.small_variants():
-        for dtype in dtypes.split(","):
-            config = openpi_torch.pi0_config(model, dtype)
-            policy = openpi_torch.torch_model(config, pathlib.Path(weights))
-            actions[dtype] = openpi_torch.torch_actions(policy, obs, data["noise"])
-    np.savez(output, **actions)
+        for job in jobs:
+            model, weights, output = job.split(":")
+            actions = {}
+            for dtype in dtypes.split(","):
+                policy = openpi_torch.torch_model(openpi_torch.pi0_config(model, dtype), pathlib.Path(weights))
+                actions[dtype] = openpi_torch.torch_actions(policy, obs, data["noise"])
+            np.savez(output, **actions)
     return 0
 
 

@@ -402,23 +402,22 @@ def _lerobot_batch(obs: dict) -> dict:
     return batch
 
 
-def _openpi_actions(model: str, weights: pathlib.Path, obs: dict, noise: np.ndarray, tmp: pathlib.Path) -> dict:
-    """openpi's PI0Pytorch's actions per dtype, run by the torch tier's Python (one process for both dtypes); skips
-    where there is none."""
+def _openpi_actions(weights: dict[str, pathlib.Path], obs: dict, noise: np.ndarray, tmp: pathlib.Path) -> dict:
+    """openpi's PI0Pytorch's actions per model and dtype, run by the torch tier's Python (one process for all);
+    skips where there is none."""
     python = os.environ.get("OPENPI_MERGE_TORCH_PYTHON", str(REPO / ".venvs" / "torch" / "bin" / "python"))
     if not pathlib.Path(python).is_file():
         pytest.skip(f"openpi's PyTorch model: no {python} (scripts/torch_tier.sh builds it; OPENPI_MERGE_TORCH_PYTHON)")
     flat = {"noise": noise, **{k: v for k, v in obs.items() if not isinstance(v, dict)}}
     flat |= {f"{group}/{k}": v for group in ("image", "image_mask") for k, v in obs[group].items()}
     np.savez(tmp / "inputs.npz", **flat)
-    script = REPO / "tests" / "openpi_torch_reference.py"
-    dtypes = ",".join(TOLERANCE)
-    args = [python, str(script), model, dtypes, str(weights), str(tmp / "inputs.npz"), str(tmp / "actions.npz")]
-    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    jobs = [f"{model}:{path}:{tmp / f'actions-{model}.npz'}" for model, path in weights.items()]
+    args = [python, str(REPO / "tests" / "openpi_torch_reference.py"), ",".join(TOLERANCE), str(tmp / "inputs.npz")]
+    result = subprocess.run([*args, *jobs], capture_output=True, text=True, check=False)
     if result.returncode == 3:
         pytest.skip(f"openpi's PyTorch model: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr[-3000:]
-    return dict(np.load(tmp / "actions.npz"))
+    return {model: dict(np.load(tmp / f"actions-{model}.npz")) for model in weights}
 
 
 def _load(cls, directory: pathlib.Path):
@@ -433,24 +432,22 @@ def _load(cls, directory: pathlib.Path):
 def merged_small(lerobot_small, tmp_path_factory):
     """Per model: a merged tree at lerobot_small's dims (synthetic's LoRA tree without its LoRA leaves), its
     torch_export tensors (float32), the inputs and noise, and openpi's PI0Pytorch's actions on them per dtype (None
-    and the reason where openpi's model cannot run)."""
-    cache = {}
-
-    def get(model: str) -> dict:
-        if model not in cache:
-            flat = traverse_util.flatten_dict(synthetic.make_params(model, "tiny", seed=3))
-            tensors = te.state_dict({p: a for p, a in flat.items() if not is_lora_leaf(p)}, model, "float32")
-            obs, noise = _observation(2)
-            tmp = tmp_path_factory.mktemp(f"openpi-{model}")
-            weights = te.write(tmp, tensors, config_json={}) / te.SAFETENSORS_FILE
-            try:
-                want, why = _openpi_actions(model, weights, obs, noise, tmp), None
-            except pytest.skip.Exception as e:
-                want, why = None, str(e)
-            cache[model] = {"tensors": tensors, "obs": obs, "noise": noise, "openpi": want, "why": why}
-        return cache[model]
-
-    return get
+    and the reason where openpi's model cannot run). Made for both models at once: one openpi process."""
+    tmp = tmp_path_factory.mktemp("openpi")
+    obs, noise = _observation(2)
+    runs, weights = {}, {}
+    for model in ("pi0", "pi05"):
+        flat = traverse_util.flatten_dict(synthetic.make_params(model, "tiny", seed=3))
+        tensors = te.state_dict({p: a for p, a in flat.items() if not is_lora_leaf(p)}, model, "float32")
+        weights[model] = te.write(tmp / model, tensors, config_json={}) / te.SAFETENSORS_FILE
+        runs[model] = {"tensors": tensors, "obs": obs, "noise": noise, "openpi": None, "why": None}
+    try:
+        for model, actions in _openpi_actions(weights, obs, noise, tmp).items():
+            runs[model]["openpi"] = actions
+    except pytest.skip.Exception as e:
+        for run in runs.values():
+            run["why"] = str(e)
+    return runs
 
 
 @framework
@@ -469,7 +466,7 @@ def test_lerobot_loads_the_export_and_its_actions_are_openpis(merged_small, mode
 
     policy_class = {"pi0": PI0Policy, "pi05": PI05Policy}[model]
     make_processors = {"pi0": make_pi0_pre_post_processors, "pi05": make_pi05_pre_post_processors}[model]
-    run = merged_small(model)
+    run = merged_small[model]
     tensors = run["tensors"]
     norm_stats = _stats(ACTION_DIM, ACTION_DIM)
     out = tmp_path / "lerobot"
