@@ -53,7 +53,7 @@ fi
 
 # openpi's PyTorch model needs transformers 4.53.2 with openpi's replacements: another venv, the torch tier's.
 if [[ -z "${OPENPI_MERGE_TORCH_PYTHON:-}" ]]; then
-  scripts/torch_tier.sh --collect-only -q >/dev/null
+  OPENPI_MERGE_TORCH_BUILD_ONLY=1 scripts/torch_tier.sh
   export OPENPI_MERGE_TORCH_PYTHON="$PWD/$venvs/torch/bin/python"
 fi
 measurements="$(mktemp)"
