@@ -472,15 +472,18 @@ def write(
     pre, post = processors_json(model, inputs, outputs)
     flat_stats = {f"{feature}.{s}": a for feature, by_stat in stats.items() for s, a in by_stat.items()}
 
+    files = {MODEL_FILE: policy_state_dict(tensors, dtype)}
+    files |= {CONFIG_FILE: config, PREPROCESSOR_FILE: pre, POSTPROCESSOR_FILE: post}
+    files |= {step["state_file"]: flat_stats for p in (pre, post) for step in p["steps"] if "state_file" in step}
     written = []
-    _save(policy_state_dict(tensors, dtype), directory / MODEL_FILE, {"format": "pt"})
-    written.append(MODEL_FILE)
-    for name, content in ((CONFIG_FILE, config), (PREPROCESSOR_FILE, pre), (POSTPROCESSOR_FILE, post)):
-        (directory / name).write_text(json.dumps(content, indent=4 if name == CONFIG_FILE else 2) + "\n")
+    for name, content in files.items():
+        path = directory / name
+        try:
+            if name.endswith(".json"):
+                path.write_text(json.dumps(content, indent=4 if name == CONFIG_FILE else 2) + "\n")
+            else:
+                _save(content, path, {"format": "pt"} if name == MODEL_FILE else None)
+        except OSError as e:
+            raise errors.os_fault(e, path, "LeRobot export: writing") from e
         written.append(name)
-    for pipeline in (pre, post):
-        for step in pipeline["steps"]:
-            if "state_file" in step:
-                _save(flat_stats, directory / step["state_file"], None)
-                written.append(step["state_file"])
     return written

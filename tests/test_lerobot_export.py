@@ -277,6 +277,8 @@ def test_write_refusals(export, tiny_checkpoint, tmp_path):
         },
     )
     refused(errors.PlanError, "no norm stats", norm_stats=None)
+    refused(errors.ConfigError, "must be distinct and at least one", image_keys=["base_0_rgb", "base_0_rgb"])
+    refused(errors.ConfigError, "must be distinct and at least one", image_keys=[])
     # LeRobot's real variants: the tiny tree is not gemma_2b (its load would silently keep random weights).
     full = synthetic.model_dims("pi05", "full")
     refused(
