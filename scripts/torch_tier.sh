@@ -3,7 +3,8 @@
 # model judges the export. Builds .venvs/torch once (idempotent: a stamp of this script's requirements), on openpi's
 # pinned stack: CPU torch, transformers 4.53.2 with openpi's transformers_replace files copied over the installed
 # package (openpi's own install step), and what openpi's JAX and PyTorch code import. Then runs the tier.
-# Usage: scripts/torch_tier.sh [pytest args...]    Env: OPENPI_SRC (default ../shared/openpi/src), PYTHON.
+# Usage: scripts/torch_tier.sh [pytest args...]    Env: OPENPI_SRC (default ../shared/openpi/src), PYTHON,
+# OPENPI_MERGE_TORCH_BUILD_ONLY (build the venv, run nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${OPENPI_MERGE_VENVS:-.venvs}/torch"
@@ -29,6 +30,7 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   fi
   printf '%s' "$want" >"$stamp"
 fi
+[[ -z "${OPENPI_MERGE_TORCH_BUILD_ONLY:-}" ]] || exit 0  # scripts/lerobot_tier.sh: the venv, not the tier.
 "$venv/bin/python" -c 'import torch, transformers, jax; print(f"{torch.__version__=} {transformers.__version__=} {jax.__version__=}")'
 measurements="$(mktemp)"
 trap 'rm -f "$measurements"' EXIT

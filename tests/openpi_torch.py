@@ -189,7 +189,7 @@ def torch_model(config, weights: pathlib.Path):
     return config.load_pytorch(types.SimpleNamespace(model=config), str(weights))
 
 
-def torch_actions(model, obs: dict, noise: np.ndarray) -> np.ndarray:
+def torch_actions(model, obs: dict, noise: np.ndarray, num_steps: int = 10) -> np.ndarray:
     import torch
     from openpi.models import model as _model
 
@@ -202,5 +202,5 @@ def torch_actions(model, obs: dict, noise: np.ndarray) -> np.ndarray:
     observation = _model.Observation.from_dict(data)
     model.eval()
     with torch.no_grad():
-        actions = model.sample_actions("cpu", observation, noise=tensor(noise))
+        actions = model.sample_actions("cpu", observation, noise=tensor(noise), num_steps=num_steps)
     return actions.to(torch.float32).numpy()
