@@ -53,7 +53,8 @@ FIELDS: tuple[Field, ...] = (
           "(`model.safetensors`, `config.json`, `assets/`), a dir openpi's `serve_policy.py` serves; pi0 and pi0.5. "
           "See Deploy in the README"),
     Field("lerobot_output", "", '`""`', "also write the merged policy as a LeRobot policy dir here (`config.json`, "
-          "`model.safetensors`, processor files with the norm stats) for `PI0Policy` / `PI05Policy.from_pretrained`"),
+          "`model.safetensors`, processor files with the norm stats) for LeRobot 0.6's `PI0Policy` / "
+          "`PI05Policy.from_pretrained`; LeRobot's model sizes only. See Deploy in the README"),
     Field("export_dtype", "bfloat16", "`bfloat16`", "dtype of the exports' weights: `bfloat16` (what openpi's "
           "PyTorch model runs in; its norms and embeddings stay float32) or `float32`"),
     Field("export_check", False, "`False`", "before committing, load the PyTorch export with openpi's own "
@@ -385,10 +386,6 @@ def _exports(config: ml_collections.ConfigDict) -> dict[str, str]:
         return exports
     if config.export_dtype not in EXPORT_DTYPES:
         raise errors.ConfigError(f"export_dtype={config.export_dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
-    if "lerobot" in exports:
-        raise errors.ConfigError(
-            "lerobot_output: the LeRobot export is not in this build; write pytorch_output (openpi's PyTorch layout)"
-        )
     names = " and ".join(EXPORT_FIELDS[kind] for kind in exports)
     if config.model == "pi0_fast":
         raise errors.ConfigError(
@@ -406,6 +403,11 @@ def _exports(config: ml_collections.ConfigDict) -> dict[str, str]:
         )
     if config.distributed.enabled:
         raise errors.ConfigError(f"{names}: exports are written by a single-process merge; drop distributed.enabled")
+    if config.export_check and "lerobot" in exports:
+        raise errors.ConfigError(
+            "export_check=True checks the PyTorch export only (LeRobot has no check in this build): leave it off with "
+            "lerobot_output, or check pytorch_output in a run of its own"
+        )
     if config.export_check:  # Before the merge's minutes, not after them.
         missing = [m for m in ("torch", "openpi") if importlib.util.find_spec(m) is None]
         if missing:

@@ -27,8 +27,8 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from openpi_merge import checkpoint, config, errors, manifest, plan, reader, storage, torch_export
-from openpi_merge.openpi_layout import ASSETS_DIR
+from openpi_merge import checkpoint, config, errors, lerobot_export, manifest, plan, reader, storage, torch_export
+from openpi_merge.openpi_layout import ASSETS_DIR, NORM_STATS_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,24 +37,73 @@ class Target:
 
     kind: str
     path: pathlib.Path
+    asset_id: str | None = None  # LeRobot: whose norm_stats.json its processors normalise with.
 
     @property
     def field(self) -> str:
         return config.EXPORT_FIELDS[self.kind]
 
 
-def targets(settings: config.Settings, source: checkpoint.Source, output: storage.AnyPath | None) -> list[Target]:
-    """The run's exports, resolved; raises OutputError for one that overlaps the input, the output or another."""
+def targets(
+    settings: config.Settings, source: checkpoint.Source, output: storage.AnyPath | None, merge_plan: plan.Plan
+) -> list[Target]:
+    """The run's exports, resolved and checked against the tree's shapes before any array is read; raises
+    OutputError for one that overlaps the input, the output or another, PlanError for a tree its layout cannot take,
+    and for LeRobot's the errors of ``norm_stats_id``."""
     taken: list[tuple[pathlib.Path, str]] = [] if output is None else [(pathlib.Path(output), "the output")]
     resolved = []
     for kind, given in settings.exports.items():
-        target = Target(kind, checkpoint.resolve_output(given, source, config.EXPORT_FIELDS[kind]))
+        path = checkpoint.resolve_output(given, source, config.EXPORT_FIELDS[kind])
+        target = Target(kind, path, norm_stats_id(settings, source) if kind == "lerobot" else None)
         for other, what in taken:
             if target.path == other or other in target.path.parents or target.path in other.parents:
                 raise errors.OutputError(f"{target.field}={target.path} overlaps {what} {other}: choose separate dirs")
         taken.append((target.path, target.field))
         resolved.append(target)
+    if resolved:
+        shapes = {key: shape for key, (shape, _) in _expected(merge_plan, settings).items()}
+        if "lerobot" in settings.exports:
+            lerobot_export.check_shapes(
+                shapes,
+                model=settings.model,
+                paligemma_variant=settings.experts[""].variant.name,
+                action_expert_variant=settings.experts["_1"].variant.name,
+            )
     return resolved
+
+
+def _expected(merge_plan: plan.Plan, settings: config.Settings) -> dict[str, tuple[tuple, np.dtype]]:
+    try:
+        return torch_export.expected({leaf.path: leaf.shape for leaf in merge_plan.leaves_out}, settings.model)
+    except KeyError as e:
+        names = " and ".join(config.EXPORT_FIELDS[kind] for kind in settings.exports)
+        raise errors.PlanError(f"{names}: the merged tree lacks {e} that openpi's PyTorch model needs") from e
+
+
+def norm_stats_id(settings: config.Settings, source: checkpoint.Source) -> str:
+    """The asset id whose ``assets/<asset_id>/norm_stats.json`` the LeRobot export converts: ``asset_id``, else the
+    input's only one. Raises PlanError when the input has none (or not the one named), ConfigError when it has several
+    and none is named."""
+    assets = source.assets_dir
+    ids = sorted(p.name for p in assets.iterdir() if (p / NORM_STATS_FILE).is_file()) if assets else []
+    where = f"{assets}" if assets else f"the input {source.root} (no assets/ dir)"
+    if settings.asset_id:
+        if settings.asset_id not in ids:
+            raise errors.PlanError(
+                f"lerobot_output: asset_id={settings.asset_id!r} has no {NORM_STATS_FILE} in {where}; "
+                f"the input has norm stats for: {', '.join(ids) or 'none'}"
+            )
+        return settings.asset_id
+    if not ids:
+        raise errors.PlanError(
+            f"lerobot_output: no <asset_id>/{NORM_STATS_FILE} in {where}: LeRobot's processors need openpi's norm "
+            "stats; give the training step dir (it holds assets/) as input"
+        )
+    if len(ids) > 1:
+        raise errors.ConfigError(
+            f"lerobot_output: the input has norm stats for {', '.join(ids)}: choose one with --config.asset_id"
+        )
+    return ids[0]
 
 
 def nbytes(merge_plan: plan.Plan, dtype: str) -> int:
@@ -92,18 +141,21 @@ class Merged(Mapping):
 
 
 class _Written(Mapping):
-    """The tensors of a written ``model.safetensors``, each read from the file when asked for."""
+    """The tensors of a written ``model.safetensors``, each read from the file when asked for; ``prefix``: only the
+    keys under it, without it (LeRobot's ``model.``)."""
 
-    def __init__(self, path: pathlib.Path) -> None:
+    def __init__(self, path: pathlib.Path, prefix: str = "", leave_out: tuple[str, ...] = ()) -> None:
         from safetensors import safe_open  # Core dependency, imported where used.
 
         self._file = safe_open(str(path), framework="numpy")
-        self._keys = list(self._file.keys())
+        self._prefix = prefix
+        keys = self._file.keys()  # A safe_open handle is no Mapping: keys() is its listing.
+        self._keys = [k.removeprefix(prefix) for k in keys if k.startswith(prefix) and k not in leave_out]
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._keys:
             raise KeyError(key)
-        return self._file.get_tensor(key)
+        return self._file.get_tensor(self._prefix + key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -153,11 +205,9 @@ def write(
     Raises PlanError for a tree the export's layout cannot take, NumericsError if the proof fails, InputError for an
     unreadable merged array or asset, and lets OSError through for the caller's committer to name.
     """
-    assert target.kind == "pytorch", target  # config refuses the others.
-    try:
-        tensors = torch_export.state_dict(merged, settings.model, settings.export_dtype)
-    except KeyError as e:
-        raise errors.PlanError(f"{target.field}: the merged tree lacks {e} that openpi's PyTorch model needs") from e
+    if target.kind == "lerobot":
+        return _write_lerobot(target, staging, merged, settings, source)
+    tensors = _openpi_layout(target, merged, settings, settings.export_dtype)
     action_in = merged[("action_in_proj", "kernel")].shape
     torch_export.write(
         staging,
@@ -182,3 +232,46 @@ def write(
     files = [torch_export.SAFETENSORS_FILE, torch_export.CONFIG_FILE]
     files.append(f"{ASSETS_DIR}/ ({', '.join(asset_ids)})" if asset_ids else "no assets/: the input carried none")
     return Proof(target, files, settings.export_dtype, kinds, framework)
+
+
+def _openpi_layout(target: Target, merged: Merged, settings: config.Settings, dtype: str) -> dict[str, np.ndarray]:
+    try:
+        return torch_export.state_dict(merged, settings.model, dtype)
+    except KeyError as e:
+        raise errors.PlanError(f"{target.field}: the merged tree lacks {e} that openpi's PyTorch model needs") from e
+
+
+def _write_lerobot(
+    target: Target, staging: pathlib.Path, merged: Merged, settings: config.Settings, source: checkpoint.Source
+) -> Proof:
+    """The LeRobot policy dir (``lerobot_export``) from openpi's float32 layout (LeRobot keeps SigLIP float32, which
+    openpi's bfloat16 layout rounds), proven like the PyTorch export on its ``model.``-prefixed tensors."""
+    assert target.asset_id is not None, target  # targets() found it.
+    assert source.assets_dir is not None, source
+    tensors = _openpi_layout(target, merged, settings, "float32")
+    stats_path = source.assets_dir / target.asset_id / NORM_STATS_FILE
+    written = lerobot_export.write(
+        staging,
+        tensors,
+        model=settings.model,
+        norm_stats=lerobot_export.read_norm_stats(stats_path),
+        action_dim=int(merged[("action_in_proj", "kernel")].shape[0]),
+        action_horizon=settings.action_horizon,
+        state_dim=None,
+        image_keys=None,
+        paligemma_variant=settings.experts[""].variant.name,
+        action_expert_variant=settings.experts["_1"].variant.name,
+        dtype=settings.export_dtype,
+    )
+    del tensors
+    model_file = staging / lerobot_export.MODEL_FILE
+    head = lerobot_export.PREFIX + lerobot_export.PALIGEMMA_LM_HEAD
+    stored = _Written(model_file, lerobot_export.PREFIX, leave_out=(head,))
+    kinds = torch_export.check(stored, merged, settings.model)
+    tied = _Written(model_file)
+    if tied[head].tobytes() != tied[lerobot_export.PREFIX + lerobot_export.EMBED_TOKENS].tobytes():
+        raise errors.NumericsError(f"{model_file}: {head} is not a copy of the token embedding it must equal")
+    asset_ids = checkpoint.copy_assets(source, staging)
+    manifest.write_files(staging, kind=target.kind)
+    files = [*written, f"{ASSETS_DIR}/ ({', '.join(asset_ids)}; norm stats of {target.asset_id})"]
+    return Proof(target, files, settings.export_dtype, kinds)

@@ -57,7 +57,7 @@ from collections.abc import Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from openpi_merge import errors
+from openpi_merge import errors, torch_export
 
 MODELS = ("pi0", "pi05")
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
@@ -263,6 +263,25 @@ def _check_tensors(tensors: Mapping[str, np.ndarray], model: str, paligemma: str
         raise errors.PlanError(f"LeRobot export: action_dim={action_dim} but action_in_proj takes {action_in[1]}")
 
 
+def check_shapes(
+    shapes: Mapping[str, Sequence[int]], *, model: str, paligemma_variant: str, action_expert_variant: str
+) -> None:
+    """``write``'s refusals of a layout LeRobot cannot build, from openpi's PyTorch key -> shape alone (before any
+    array is read): PlanError for a model, Gemma variant or SigLIP that is not LeRobot's, ConfigError for a variant
+    LeRobot lacks."""
+    _check_model(model)
+    holders = {key: _Shape(tuple(shape)) for key, shape in shapes.items()}  # Only ``.shape`` is read.
+    action_dim = int(holders["action_in_proj.weight"].shape[1]) if "action_in_proj.weight" in holders else 0
+    _check_tensors(
+        holders, model, lerobot_variant(paligemma_variant), lerobot_variant(action_expert_variant), action_dim
+    )
+
+
+class _Shape:
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+
 # --- Config and processors ------------------------------------------------------------------------------------------
 
 
@@ -394,21 +413,6 @@ def processors_json(model: str, input_features: dict, output_features: dict) -> 
 # --- Writing ----------------------------------------------------------------------------------------------------------
 
 
-def _umask() -> int:
-    try:
-        status = pathlib.Path("/proc/self/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
-    except (OSError, StopIteration, ValueError, IndexError):
-        return 0o022
-
-
-def _save(tensors: Mapping[str, np.ndarray], path: pathlib.Path, metadata: dict | None) -> None:
-    import safetensors.numpy
-
-    safetensors.numpy.save_file(dict(tensors), path, metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())  # safetensors creates it 0600: made like any other file here.
-
-
 def write(
     directory: pathlib.Path,
     tensors: dict[str, np.ndarray],
@@ -482,7 +486,7 @@ def write(
             if name.endswith(".json"):
                 path.write_text(json.dumps(content, indent=4 if name == CONFIG_FILE else 2) + "\n")
             else:
-                _save(content, path, {"format": "pt"} if name == MODEL_FILE else None)
+                torch_export.save_safetensors(content, path, metadata={"format": "pt"} if name == MODEL_FILE else None)
         except OSError as e:
             raise errors.os_fault(e, path, "LeRobot export: writing") from e
         written.append(name)

@@ -35,6 +35,7 @@ MODEL_TITLES = {"pi0": "pi0", "pi05": "pi0.5", "pi0_fast": "pi0-FAST"}
 PARAMS_KEY = "params"
 # A step dir as serving reads it: <step>/params (PARAMS_KEY) and <step>/assets/<asset_id>/norm_stats.json.
 ASSETS_DIR = "assets"
+NORM_STATS_FILE = "norm_stats.json"  # assets/<asset_id>/norm_stats.json: what openpi's server normalises with.
 # What openpi-merge adds to a step dir it writes (openpi reads only params/ and assets/, so it ignores them): the
 # provenance and the integrity manifest. A dir holding either is one of ours.
 PROVENANCE_FILE = "openpi_merge.json"

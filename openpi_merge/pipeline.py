@@ -344,7 +344,7 @@ def merge(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str
         merge_plan = outcome.merge_plan
         merge_plan.raise_on_problems()
         target = checkpoint.resolve_output(settings.output, given.location) if settings.output else None
-        exports = export.targets(settings, given.location, target)
+        exports = export.targets(settings, given.location, target, merge_plan)
         outcome.output = target
     outcome.devices = sharding.make_layout(settings.mesh).describe()
     outcome.details.append(f"devices: {outcome.devices}")

@@ -509,19 +509,25 @@ def _umask() -> int:
 
 def write(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray], *, config_json: dict) -> pathlib.Path:
     """Writes ``model.safetensors`` and ``config.json`` into ``directory`` (created if missing); returns it."""
-    import safetensors.numpy  # Core dependency, imported where used: the merge itself never needs it.
-
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    try:
-        safetensors.numpy.save_file(dict(tensors), directory / SAFETENSORS_FILE, metadata={"format": "pt"})
-    except safetensors.SafetensorError as e:
-        if (fault := _os_error(e, directory / SAFETENSORS_FILE)) is None:
-            raise
-        raise fault from e
-    os.chmod(directory / SAFETENSORS_FILE, 0o666 & ~_umask())  # safetensors creates it 0600: made like any file here.
+    save_safetensors(tensors, directory / SAFETENSORS_FILE, metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
     return directory
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: pathlib.Path, *, metadata: dict | None) -> None:
+    """Writes a safetensors file (safetensors' numpy API: ``ml_dtypes.bfloat16`` is stored as BF16) with the mode
+    of any file the process creates. Raises OSError for a write the filesystem refuses (a full disk)."""
+    import safetensors.numpy  # Core dependency, imported where used: the merge itself never needs it.
+
+    try:
+        safetensors.numpy.save_file(dict(tensors), path, metadata=metadata)
+    except safetensors.SafetensorError as e:
+        if (fault := _os_error(e, path)) is None:
+            raise
+        raise fault from e
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates it 0600: made like any file here.
 
 
 def _os_error(error: Exception, path: pathlib.Path) -> OSError | None:

@@ -1,5 +1,7 @@
 """Ways to run a merge as a user would and to read what it wrote."""
 
+import contextlib
+import dataclasses
 import hashlib
 import os
 import pathlib
@@ -10,7 +12,11 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from flax import traverse_util
+
+from openpi_merge import lerobot_export
+from openpi_merge.testing import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # What a merged step dir holds: openpi's two parts, the provenance and the integrity manifest.
@@ -151,3 +157,21 @@ def write_params(params_dir: pathlib.Path, flat: dict[tuple[str, ...], np.ndarra
     tree = traverse_util.unflatten_dict({path + suffix: v for path, v in flat.items()})
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save(params_dir, {"params": tree})
+
+
+def gemma_fields(g: synthetic.GemmaDims) -> dict:
+    """A synthetic Gemma's dims as LeRobot's and transformers' Gemma configs name them (no LoRA rank)."""
+    return {f.name: getattr(g, f.name) for f in dataclasses.fields(g) if f.name != "rank"}
+
+
+@contextlib.contextmanager
+def lerobot_sized_like(dims: synthetic.ModelDims):
+    """lerobot_export's tables of LeRobot's Gemma variants and SigLIP set to ``dims``, in this process (LeRobot
+    builds only full-size ones; the names stay, as LeRobot's config accepts only gemma_2b and gemma_300m)."""
+
+    with pytest.MonkeyPatch.context() as patch:
+        variants = {"gemma_2b": gemma_fields(dims.paligemma), "gemma_300m": gemma_fields(dims.action_expert)}
+        patch.setattr(lerobot_export, "GEMMA_VARIANTS", variants)
+        s = dims.siglip
+        patch.setattr(lerobot_export, "SIGLIP", {"width": s.width, "depth": s.depth, "mlp_dim": s.mlp_dim})
+        yield

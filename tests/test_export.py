@@ -9,12 +9,14 @@ import json
 import os
 import shutil
 
+import helpers
 import numpy as np
 import pytest
 from helpers import error_line, file_hashes, merge, merge_ok, restore_flat, run_cli, start_cli, tree_hashes, wait_for
 
-from openpi_merge import errors
+from openpi_merge import config, errors, lerobot_export, pipeline, report
 from openpi_merge import torch_export as te
+from openpi_merge.testing import synthetic
 
 
 def _export_only(step, export, *overrides, model="pi0", hook=None):
@@ -190,4 +192,80 @@ def test_export_check_where_torch_or_openpi_is_missing_is_refused_before_the_mer
         pytest.skip("torch and openpi are both importable here: the framework tier runs export_check")
     result = _export_only(tiny_checkpoint("pi0"), tmp_path / "torch", "--config.export_check=True")
     error_line(result.returncode, result.stderr, errors.ConfigError.exit_code, "cannot be imported here")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- LeRobot --------------------------------------------------------------------------------------------------------
+
+
+def _merge_in_process(step, model: str, **fields) -> str:
+    """A merge run in this process (``pipeline.merge``, as ``__main__`` runs it), so that LeRobot's tables can be set
+    to the tiny checkpoint's sizes (``helpers.lerobot_sized_like``); returns the summary."""
+    cfg = config.make_config(model)
+    cfg.input, cfg.progress = str(step), False
+    for name, value in fields.items():
+        cfg[name] = value
+    with helpers.lerobot_sized_like(synthetic.model_dims(model, "tiny")):
+        return pipeline.merge(config.read_settings(cfg, openpi=None), report.Outcome(config={}), lambda: None)
+
+
+@pytest.mark.parametrize("model", ["pi0", "pi05"])
+def test_the_lerobot_export_holds_the_merged_output_in_lerobots_layout(tiny_checkpoint, tmp_path, model):
+    step = tiny_checkpoint(model)
+    out, export = tmp_path / "out", tmp_path / "lerobot"
+    summary = _merge_in_process(step, model, output=str(out), lerobot_output=str(export))
+
+    names = {p.name for p in export.iterdir()}
+    assert {"config.json", "model.safetensors", "policy_preprocessor.json", "policy_postprocessor.json"} <= names
+    assert {"assets", "openpi_merge_manifest.json"} <= names
+    want = lerobot_export.policy_state_dict(te.state_dict(restore_flat(out / "params"), model, "float32"), "bfloat16")
+    got = te.read(export)
+    assert set(got) == set(want)
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype, key
+        assert got[key].tobytes() == tensor.tobytes(), key
+    lerobot_config = json.loads((export / "config.json").read_text())
+    assert lerobot_config["type"] == model
+    assert f"lerobot_output: {export} (bfloat16;" in summary
+    assert "norm stats of example_robot" in summary
+    checked = run_cli("--config.mode=check", f"--config.input={export}")
+    assert checked.returncode == 0, checked.stderr
+
+
+def _with_assets(tiny_checkpoint, tmp_path, *asset_ids: str):
+    step = tmp_path / "input" / "1000"
+    shutil.copytree(tiny_checkpoint("pi0"), step)
+    stats = next((step / "assets").glob("*/norm_stats.json")).read_bytes()
+    shutil.rmtree(step / "assets")
+    for asset_id in asset_ids:
+        (step / "assets" / asset_id).mkdir(parents=True)
+        (step / "assets" / asset_id / "norm_stats.json").write_bytes(stats)
+    return step
+
+
+def test_an_input_with_two_asset_ids_needs_asset_id_for_lerobot(tiny_checkpoint, tmp_path):
+    step = _with_assets(tiny_checkpoint, tmp_path, "aloha", "libero")
+    result = merge(step, tmp_path / "out", f"--config.lerobot_output={tmp_path / 'lerobot'}")
+    error_line(result.returncode, result.stderr, errors.ConfigError.exit_code, "norm stats for aloha, libero")
+    assert "--config.asset_id" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input"]
+
+
+def test_an_asset_id_the_input_lacks_is_refused_naming_those_it_has(tiny_checkpoint, tmp_path):
+    step = _with_assets(tiny_checkpoint, tmp_path, "aloha")
+    result = merge(step, tmp_path / "out", f"--config.lerobot_output={tmp_path / 'lerobot'}", "--config.asset_id=droid")
+    line = error_line(result.returncode, result.stderr, errors.PlanError.exit_code, "asset_id='droid'")
+    assert "aloha" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input"]
+
+
+def test_an_input_without_norm_stats_is_refused_for_lerobot(tiny_checkpoint, tmp_path):
+    result = merge(tiny_checkpoint("pi0") / "params", tmp_path / "out", f"--config.lerobot_output={tmp_path / 'lr'}")
+    error_line(result.returncode, result.stderr, errors.PlanError.exit_code, "LeRobot's processors need")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_of_sizes_lerobot_does_not_build_is_refused_before_the_merge(tiny_checkpoint, tmp_path):
+    result = merge(tiny_checkpoint("pi0"), tmp_path / "out", f"--config.lerobot_output={tmp_path / 'lerobot'}")
+    error_line(result.returncode, result.stderr, errors.PlanError.exit_code, "is not LeRobot's gemma_2b")
     assert list(tmp_path.iterdir()) == []

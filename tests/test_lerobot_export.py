@@ -57,25 +57,6 @@ FILES = {
 }
 
 
-def _gemma(g: synthetic.GemmaDims) -> dict:
-    return {f.name: getattr(g, f.name) for f in dataclasses.fields(g) if f.name != "rank"}
-
-
-@contextlib.contextmanager
-def _variants(dims: synthetic.ModelDims):
-    """lerobot_export's tables of LeRobot's Gemma variants and SigLIP set to ``dims`` (names kept: LeRobot's config
-    accepts only gemma_2b and gemma_300m)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            le,
-            "GEMMA_VARIANTS",
-            {"gemma_2b": _gemma(dims.paligemma), "gemma_300m": _gemma(dims.action_expert)},
-        )
-        s = dims.siglip
-        patch.setattr(le, "SIGLIP", {"width": s.width, "depth": s.depth, "mlp_dim": s.mlp_dim})
-        yield
-
-
 def _norm_stats(step_dir: pathlib.Path) -> dict:
     (path,) = (step_dir / "assets").glob("*/norm_stats.json")
     return le.read_norm_stats(path)
@@ -103,7 +84,7 @@ def export(tiny_checkpoint):
         } | kwargs
         out = tmp_path / "lerobot"
         out.mkdir()
-        with _variants(synthetic.model_dims(model, "tiny")):
+        with helpers.lerobot_sized_like(synthetic.model_dims(model, "tiny")):
             written = le.write(out, tensors, **args)
         return {"tree": tree, "tensors": tensors, "args": args, "dir": out, "written": written}
 
@@ -253,7 +234,7 @@ def test_write_refusals(export, tiny_checkpoint, tmp_path):
         if out is None:
             out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
             out.mkdir()
-        with _variants(variants), pytest.raises(error, match=message) as info:
+        with helpers.lerobot_sized_like(variants), pytest.raises(error, match=message) as info:
             le.write(out, tensors, **(args | changes))
         assert "\n" not in str(info.value)
         assert directory is not None or not any(out.iterdir())  # Nothing written.
@@ -351,7 +332,7 @@ def lerobot_small():
         for module in (modeling_pi0, modeling_pi05):
 
             def gemma_config(variant, module=module):
-                return module.GemmaConfig(**_gemma(small[variant]))
+                return module.GemmaConfig(**helpers.gemma_fields(small[variant]))
 
             def paligemma(config, cls=module.PaliGemmaForConditionalGenerationWithPiGemma):
                 vision, s = config.vision_config, openpi_torch.SIGLIP
@@ -364,7 +345,7 @@ def lerobot_small():
             patch.setattr(module, "PaliGemmaForConditionalGenerationWithPiGemma", paligemma)
         patch.setattr(tokenizer_processor.AutoTokenizer, "from_pretrained", staticmethod(lambda *a, **k: _Tokenizer()))
         patch.setattr(synthetic, "model_dims", lambda model, scale, **kw: dims[model])
-        with _variants(dims["pi0"]):
+        with helpers.lerobot_sized_like(dims["pi0"]):
             yield dims
 
 
