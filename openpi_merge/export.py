@@ -234,9 +234,11 @@ def write(
     return Proof(target, files, settings.export_dtype, kinds, framework)
 
 
-def _openpi_layout(target: Target, merged: Merged, settings: config.Settings, dtype: str) -> dict[str, np.ndarray]:
+def _openpi_layout(
+    target: Target, merged: Merged, settings: config.Settings, dtype: str, **kw
+) -> torch_export.StateDict:
     try:
-        return torch_export.state_dict(merged, settings.model, dtype)
+        return torch_export.StateDict(merged, settings.model, dtype, **kw)
     except KeyError as e:
         raise errors.PlanError(f"{target.field}: the merged tree lacks {e} that openpi's PyTorch model needs") from e
 
@@ -244,11 +246,15 @@ def _openpi_layout(target: Target, merged: Merged, settings: config.Settings, dt
 def _write_lerobot(
     target: Target, staging: pathlib.Path, merged: Merged, settings: config.Settings, source: checkpoint.Source
 ) -> Proof:
-    """The LeRobot policy dir (``lerobot_export``) from openpi's float32 layout (LeRobot keeps SigLIP float32, which
-    openpi's bfloat16 layout rounds), proven like the PyTorch export on its ``model.``-prefixed tensors."""
+    """The LeRobot policy dir (``lerobot_export``) from openpi's layout made in LeRobot's dtypes (it keeps all of
+    SigLIP float32, which openpi's bfloat16 mix rounds), proven like the PyTorch export on its ``model.``-prefixed
+    tensors."""
     assert target.asset_id is not None, target  # targets() found it.
     assert source.assets_dir is not None, source
-    tensors = _openpi_layout(target, merged, settings, "float32")
+    want = lerobot_export.DTYPES[settings.export_dtype]
+    tensors = _openpi_layout(
+        target, merged, settings, "float32", dtype_of=lambda k: lerobot_export.stored_dtype(k, want)
+    )
     stats_path = source.assets_dir / target.asset_id / NORM_STATS_FILE
     written = lerobot_export.write(
         staging,

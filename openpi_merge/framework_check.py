@@ -133,9 +133,11 @@ def _load(model_config: Any, weights: pathlib.Path) -> Any:
         missing, unexpected = safetensors_torch.load_model(
             pi0_pytorch.PI0Pytorch(config=model_config), str(weights), strict=False
         )
+        missing, unexpected = sorted(missing), sorted(unexpected)
         raise errors.NumericsError(
-            f"openpi's load_pytorch refused {weights}: {len(missing)} keys missing ({', '.join(missing[:3])}...), "
-            f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}...): {str(e).splitlines()[0][:200]}"
+            f"openpi's load_pytorch refused {weights.name}: {len(missing)} keys missing "
+            f"({', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected ({', '.join(unexpected[:3]) or '-'}): "
+            f"{str(e).splitlines()[0][:200]}"
         ) from e
 
 
@@ -147,7 +149,7 @@ def pytorch(export_dir: pathlib.Path, settings: config.Settings, params_dir: pat
     """
     model_config = _model_config(settings, action_dim)
     policy = _load(model_config, export_dir / "model.safetensors")
-    loaded = f"openpi's load_pytorch loaded every key of {export_dir.name}/model.safetensors strictly"
+    loaded = "openpi's load_pytorch loaded every key of model.safetensors strictly"
     if reason := _reference_differs(settings, model_config):
         return f"{loaded}; actions not compared: {reason}, so openpi's JAX LoRA model is no reference"
     rng = np.random.default_rng(_SEED)

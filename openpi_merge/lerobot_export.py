@@ -52,7 +52,7 @@ import json
 import math
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -193,25 +193,50 @@ def lerobot_variant(variant: str) -> str:
     return name
 
 
-def _stored_dtype(key: str, want: np.dtype) -> np.dtype:
+def stored_dtype(key: str, want: np.dtype) -> np.dtype:
+    """The dtype LeRobot's model built with ``want`` (bfloat16 or float32) holds openpi's PyTorch key in."""
     if want == DTYPES["float32"] or not key.startswith("paligemma_with_expert."):
         return DTYPES["float32"]
     return DTYPES["float32"] if any(s in key for s in _KEEP_FLOAT32) else want
 
 
+class PolicyStateDict(Mapping):
+    """LeRobot's ``PI0Policy``/``PI05Policy`` state dict over openpi's PyTorch layout (see the module doc), each tensor
+    read from ``tensors`` when asked for (a lazy ``torch_export.StateDict`` stays lazy) and cast to LeRobot's dtype."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], dtype: str = "float32") -> None:
+        self._want = _check_dtype(dtype)
+        if EMBED_TOKENS not in tensors:
+            raise errors.PlanError(f"LeRobot export: the tensors are not openpi's PyTorch layout: no {EMBED_TOKENS}")
+        if PALIGEMMA_LM_HEAD in tensors:
+            raise errors.PlanError(
+                f"LeRobot export: the tensors hold {PALIGEMMA_LM_HEAD}: openpi's layout leaves it out"
+            )
+        self._tensors = tensors
+        # PaliGemma's lm_head last: LeRobot's model does not tie it to embed_tokens, so it is written as a copy.
+        self._sources = {PREFIX + key: key for key in tensors} | {PREFIX + PALIGEMMA_LM_HEAD: EMBED_TOKENS}
+
+    def spec(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        source = self._sources[key]
+        spec = getattr(self._tensors, "spec", None)
+        shape = spec(source)[0] if spec else tuple(self._tensors[source].shape)
+        return tuple(shape), stored_dtype(source, self._want)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        source = self._sources[key]
+        array = np.asarray(self._tensors[source])
+        return np.ascontiguousarray(array.astype(stored_dtype(source, self._want), copy=False))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+
 def policy_state_dict(tensors: Mapping[str, np.ndarray], dtype: str = "float32") -> dict[str, np.ndarray]:
-    """LeRobot's ``PI0Policy``/``PI05Policy`` state dict from openpi's PyTorch layout (see the module doc)."""
-    want = _check_dtype(dtype)
-    if EMBED_TOKENS not in tensors:
-        raise errors.PlanError(f"LeRobot export: the tensors are not openpi's PyTorch layout: no {EMBED_TOKENS}")
-    if PALIGEMMA_LM_HEAD in tensors:
-        raise errors.PlanError(f"LeRobot export: the tensors hold {PALIGEMMA_LM_HEAD}: openpi's layout leaves it out")
-    out: dict[str, np.ndarray] = {}
-    for key, tensor in tensors.items():
-        array = np.asarray(tensor)
-        out[PREFIX + key] = np.ascontiguousarray(array.astype(_stored_dtype(key, want), copy=False))
-    out[PREFIX + PALIGEMMA_LM_HEAD] = out[PREFIX + EMBED_TOKENS]  # The same array: written twice, converted once.
-    return out
+    """``PolicyStateDict``, made whole."""
+    return dict(PolicyStateDict(tensors, dtype).items())
 
 
 def _shape(tensors: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
@@ -415,7 +440,7 @@ def processors_json(model: str, input_features: dict, output_features: dict) -> 
 
 def write(
     directory: pathlib.Path,
-    tensors: dict[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray],
     *,
     model: str,
     norm_stats: dict,
@@ -476,7 +501,7 @@ def write(
     pre, post = processors_json(model, inputs, outputs)
     flat_stats = {f"{feature}.{s}": a for feature, by_stat in stats.items() for s, a in by_stat.items()}
 
-    files = {MODEL_FILE: policy_state_dict(tensors, dtype)}
+    files = {MODEL_FILE: PolicyStateDict(tensors, dtype)}
     files |= {CONFIG_FILE: config, PREPROCESSOR_FILE: pre, POSTPROCESSOR_FILE: post}
     files |= {step["state_file"]: flat_stats for p in (pre, post) for step in p["steps"] if "state_file" in step}
     written = []

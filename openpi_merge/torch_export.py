@@ -19,8 +19,9 @@ Contract:
   the file holds.
 - The action expert's ``lm_head.weight`` (vocab x width) is a parameter of ``PI0Pytorch`` that its forward pass never
   uses and the JAX tree has no counterpart for: it is written as zeros, so that a strict load finds every key.
-- ``write(directory, tensors, config_json=...)`` writes ``model.safetensors`` (safetensors' numpy API, which stores
-  ``ml_dtypes.bfloat16`` as BF16, with the ``{"format": "pt"}`` metadata torch's writer adds) and ``config.json``
+- ``StateDict`` makes those tensors a module at a time as they are read, ``state_dict`` all at once.
+- ``write(directory, tensors, config_json=...)`` writes ``model.safetensors`` (``save_safetensors``: a tensor at a
+  time, bfloat16 as BF16, with the ``{"format": "pt"}`` metadata torch's writer adds) and ``config.json``
   (``config_json(...)`` builds the dict openpi's converter writes). No staging or commit: the caller's job.
 - ``check(tensors, params, model)`` proves, with numpy only, that every exported tensor reproduces the merged arrays
   through the PyTorch module's own equation on random probes: a ``Linear`` applies ``x @ W.T + b`` to the input
@@ -40,7 +41,6 @@ import json
 import math
 import os
 import pathlib
-import re
 from collections.abc import Callable, Iterator, Mapping
 
 import ml_dtypes
@@ -472,17 +472,61 @@ def _dtype(dtype) -> np.dtype:
     return DTYPES[name]
 
 
+class StateDict(Mapping):
+    """``PI0Pytorch``'s state dict (as a strict ``safetensors.torch.load_model`` wants it) from the merged tree, made
+    one module (one layer's tensors) at a time as its keys are read: in the order of iteration, which is the file's,
+    only the current module's tensors are held. ``spec(key)`` gives a key's shape and dtype without making it.
+    ``dtype_of``: each key's dtype instead of ``dtype``'s mix (another framework's, e.g. LeRobot's: each tensor is made
+    once, in the dtype it is written in)."""
+
+    def __init__(
+        self,
+        params: Mapping[Path, np.ndarray],
+        model: str,
+        dtype: str | np.dtype = "bfloat16",
+        *,
+        dtype_of: Callable[[str], np.dtype] | None = None,
+    ) -> None:
+        want = _dtype(dtype)
+        self._params = {tuple(p): a for p, a in params.items()}
+        shapes = _shapes(self._params)
+        self._modules = _modules(shapes, model)
+        self._specs: dict[str, tuple[int, tuple[int, ...], np.dtype]] = {}
+        for index, mod in enumerate(self._modules):
+            for key, shape in mod.shapes(shapes).items():
+                self._specs[key] = (index, shape, _stored_dtype(key, want) if dtype_of is None else dtype_of(key))
+        self._current: tuple[int, dict[str, np.ndarray]] = (-1, {})
+
+    def spec(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        _, shape, dtype = self._specs[key]
+        return shape, dtype
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        index = self._specs[key][0]
+        if self._current[0] != index:
+            made = self._modules[index].tensors(self._params)
+            self._current = (index, {k: self._cast(k, t) for k, t in made.items()})
+        return self._current[1][key]
+
+    def _cast(self, key: str, tensor: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(tensor).astype(self._specs[key][2], copy=False))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
 def state_dict(
-    params: Mapping[Path, np.ndarray], model: str, dtype: str | np.dtype = "bfloat16"
+    params: Mapping[Path, np.ndarray],
+    model: str,
+    dtype: str | np.dtype = "bfloat16",
+    *,
+    dtype_of: Callable[[str], np.dtype] | None = None,
 ) -> dict[str, np.ndarray]:
-    """``PI0Pytorch``'s state dict (as a strict ``safetensors.torch.load_model`` wants it) from the merged tree."""
-    want = _dtype(dtype)
-    params = {tuple(p): a for p, a in params.items()}
-    out: dict[str, np.ndarray] = {}
-    for mod in _modules(_shapes(params), model):
-        for key, tensor in mod.tensors(params).items():
-            out[key] = np.ascontiguousarray(np.asarray(tensor).astype(_stored_dtype(key, want), copy=False))
-    return out
+    """``StateDict``, made whole: every tensor in memory at once (the tests' and small trees' form)."""
+    return dict(StateDict(params, model, dtype, dtype_of=dtype_of).items())
 
 
 def config_json(
@@ -498,15 +542,6 @@ def config_json(
     }
 
 
-def _umask() -> int:
-    """The process's umask, read without setting it (``os.umask`` would change it for every thread meanwhile)."""
-    try:
-        status = pathlib.Path("/proc/self/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
-    except (OSError, StopIteration, ValueError, IndexError):
-        return 0o022
-
-
 def write(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray], *, config_json: dict) -> pathlib.Path:
     """Writes ``model.safetensors`` and ``config.json`` into ``directory`` (created if missing); returns it."""
     directory = pathlib.Path(directory)
@@ -516,28 +551,50 @@ def write(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray], *, co
     return directory
 
 
+# safetensors' dtype names (its format's header), for the dtypes the exports write.
+_SAFETENSORS_DTYPES = {
+    BFLOAT16: "BF16",
+    FLOAT32: "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(np.float64): "F64",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+}
+
+
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: pathlib.Path, *, metadata: dict | None) -> None:
-    """Writes a safetensors file (safetensors' numpy API: ``ml_dtypes.bfloat16`` is stored as BF16) with the mode
-    of any file the process creates. Raises OSError for a write the filesystem refuses (a full disk)."""
-    import safetensors.numpy  # Core dependency, imported where used: the merge itself never needs it.
+    """Writes ``tensors`` as a safetensors file, one tensor at a time in the mapping's order, so that a lazy mapping
+    (``StateDict``) is never held whole; safetensors' own writer (``save_file``) takes every tensor at once and copies
+    each to bytes first. The format: the header's length (u64, little-endian), the JSON header (each key's dtype,
+    shape and ``data_offsets`` into the data that follows, contiguous; ``__metadata__``), padded with spaces to 8
+    bytes, then the tensors' bytes, C order. Read back by safetensors itself (``export``'s proof, the frameworks).
 
-    try:
-        safetensors.numpy.save_file(dict(tensors), path, metadata=metadata)
-    except safetensors.SafetensorError as e:
-        if (fault := _os_error(e, path)) is None:
-            raise
-        raise fault from e
-    os.chmod(path, 0o666 & ~_umask())  # safetensors creates it 0600: made like any file here.
-
-
-def _os_error(error: Exception, path: pathlib.Path) -> OSError | None:
-    """safetensors' Rust writer reports a failed write as ``SafetensorError("... (os error 28)")``: the OSError it
-    stands for, so that the caller names the fault (a full disk) like any other; None for any other error."""
-    found = re.search(r"\(os error (\d+)\)", str(error))
-    if found is None:
-        return None
-    code = int(found.group(1))
-    return OSError(code, os.strerror(code), str(path))
+    A mapping with ``spec(key) -> (shape, dtype)`` gives the header without making its tensors. Raises OSError for a
+    write the filesystem refuses (a full disk), ValueError for a tensor that differs from its spec.
+    """
+    spec = getattr(tensors, "spec", None) or (lambda key: (tensors[key].shape, tensors[key].dtype))
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    specs, offset = [], 0
+    for key in tensors:
+        shape, dtype = spec(key)
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[key] = {
+            "dtype": _SAFETENSORS_DTYPES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        specs.append((key, tuple(shape), np.dtype(dtype)))
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for key, shape, dtype in specs:
+            tensor = np.ascontiguousarray(tensors[key])
+            if tensor.shape != shape or tensor.dtype != dtype:
+                raise ValueError(f"{key}: made {tensor.shape} {tensor.dtype}, its header says {shape} {dtype}")
+            f.write(tensor.reshape(-1).view(np.uint8).data)
 
 
 def read(directory: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -390,7 +390,7 @@ def test_export_check_loads_the_export_with_openpi_and_matches_its_jax_lora_mode
     run = lora_run(model)
     settings = _settings_in_process(run, model, tmp_path / "export", "bfloat16")
     summary = pipeline.merge(settings, report.Outcome(config={}), lambda: None)
-    assert "openpi's load_pytorch loaded every key of export/model.safetensors strictly" in summary
+    assert "openpi's load_pytorch loaded every key of model.safetensors strictly" in summary
     measured = re.search(r"actions match openpi's JAX LoRA model on the input within (\S+) of", summary)
     assert measured, summary
     assert float(measured.group(1)) <= framework_check.TOLERANCE["bfloat16"]
