@@ -1,6 +1,7 @@
 """Shared fixtures: small openpi-shaped LoRA checkpoints written by Orbax, real mounts (tmpfs, bind), and a GCS
 emulator on 127.0.0.1."""
 
+import fcntl
 import os
 import pathlib
 import shutil
@@ -17,6 +18,20 @@ from openpi_merge.testing import synthetic
 # as the shell sets it for background jobs, and so would every merge it starts, which keeps it ignored: the signal
 # tests start their merges with the disposition a user's interactive shell gives.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(autouse=True)
+def _suite_lock(request):
+    """scripts/test.sh runs the two stacks' suites at once, each told the same lock file (OPENPI_MERGE_SUITE_LOCK):
+    every test holds it shared, and one marked ``alone`` (it measures memory or races signals against a start-up)
+    exclusively, so that it runs while the other stack runs nothing. Without the variable: no lock."""
+    path = os.environ.get("OPENPI_MERGE_SUITE_LOCK")
+    if not path:
+        yield
+        return
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if request.node.get_closest_marker("alone") else fcntl.LOCK_SH)
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,6 +8,9 @@ import time
 import pytest
 from helpers import error_line, file_hashes, start_cli, start_merge, wait_for
 
+# Signals raced against a start-up or a commit: on a quiet machine, not beside the other stack (conftest).
+pytestmark = pytest.mark.alone
+
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 

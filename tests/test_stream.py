@@ -114,6 +114,7 @@ def _peak_gb(summary: str) -> float:
     return float(_line(summary, "peak memory:").split()[2])
 
 
+@pytest.mark.alone
 def test_a_streamed_merge_holds_far_less_memory_than_an_unlimited_one(tmp_path_factory):
     # A few hundred MB, one layer per chunk: big enough for what the arrays in flight take to stand out from the
     # baseline of Python, JAX, XLA and TensorStore (~0.3 GB, measured on the tiny checkpoint in the same way).
