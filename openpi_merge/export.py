@@ -150,7 +150,7 @@ class _Written(Mapping):
         self._file = safe_open(str(path), framework="numpy")
         self._prefix = prefix
         keys = self._file.keys()  # A safe_open handle is no Mapping: keys() is its listing.
-        self._keys = [k.removeprefix(prefix) for k in keys if k.startswith(prefix) and k not in leave_out]
+        self._keys = {k.removeprefix(prefix): None for k in keys if k.startswith(prefix) and k not in leave_out}
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._keys:
@@ -207,7 +207,7 @@ def write(
     """
     if target.kind == "lerobot":
         return _write_lerobot(target, staging, merged, settings, source)
-    tensors = _openpi_layout(target, merged, settings, settings.export_dtype)
+    tensors = torch_export.StateDict(merged, settings.model, settings.export_dtype)  # targets() checked the tree.
     action_in = merged[("action_in_proj", "kernel")].shape
     torch_export.write(
         staging,
@@ -234,15 +234,6 @@ def write(
     return Proof(target, files, settings.export_dtype, kinds, framework)
 
 
-def _openpi_layout(
-    target: Target, merged: Merged, settings: config.Settings, dtype: str, **kw
-) -> torch_export.StateDict:
-    try:
-        return torch_export.StateDict(merged, settings.model, dtype, **kw)
-    except KeyError as e:
-        raise errors.PlanError(f"{target.field}: the merged tree lacks {e} that openpi's PyTorch model needs") from e
-
-
 def _write_lerobot(
     target: Target, staging: pathlib.Path, merged: Merged, settings: config.Settings, source: checkpoint.Source
 ) -> Proof:
@@ -252,8 +243,8 @@ def _write_lerobot(
     assert target.asset_id is not None, target  # targets() found it.
     assert source.assets_dir is not None, source
     want = lerobot_export.DTYPES[settings.export_dtype]
-    tensors = _openpi_layout(
-        target, merged, settings, "float32", dtype_of=lambda k: lerobot_export.stored_dtype(k, want)
+    tensors = torch_export.StateDict(
+        merged, settings.model, "float32", dtype_of=lambda k: lerobot_export.stored_dtype(k, want)
     )
     stats_path = source.assets_dir / target.asset_id / NORM_STATS_FILE
     written = lerobot_export.write(

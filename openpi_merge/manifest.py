@@ -131,9 +131,13 @@ def _file_entry(path: storage.AnyPath) -> dict:
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
+def _files(root: storage.AnyPath, leave_out: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Each file under ``root`` (its path relative to it) with its bytes and sha256."""
+    return {name: _file_entry(root / name) for name in storage.files(root) if name not in leave_out}
+
+
 def _assets(step_dir: storage.AnyPath) -> dict[str, dict]:
-    root = step_dir / "assets"
-    return {name: _file_entry(root / name) for name in storage.files(root)}
+    return _files(step_dir / "assets")
 
 
 def write(step_dir: storage.AnyPath, params: dict[str, dict], *, value_suffix: bool) -> None:
@@ -147,13 +151,9 @@ def write(step_dir: storage.AnyPath, params: dict[str, dict], *, value_suffix: b
     (step_dir / FILENAME).write_text(json.dumps(document, indent=1) + "\n")
 
 
-def _files(directory: storage.AnyPath) -> dict[str, dict]:
-    return {name: _file_entry(directory / name) for name in storage.files(directory) if name != FILENAME}
-
-
 def write_files(directory: storage.AnyPath, *, kind: str) -> None:
     """Writes the manifest of an export dir whose files are all written: each file's bytes and sha256."""
-    document = {"format": FILES_FORMAT, "kind": kind, "files": _files(directory)}
+    document = {"format": FILES_FORMAT, "kind": kind, "files": _files(directory, leave_out=(FILENAME,))}
     (directory / FILENAME).write_text(json.dumps(document, indent=1) + "\n")
 
 
@@ -274,27 +274,27 @@ def _check(step_dir: pathlib.Path, document: dict, layout: sharding.Layout, budg
                 "copy is damaged; copy it again from the original"
             )
     assets = _assets(step_dir)
-    for name in sorted(document["assets"].keys() | assets.keys()):
-        if assets.get(name) != document["assets"].get(name):
-            raise errors.NumericsError(
-                f"{step_dir}: assets/{name} differs from what openpi-merge wrote (missing, extra or changed): the copy "
-                "is damaged; copy it again from the original"
-            )
+    _refuse_changed(step_dir, document["assets"], assets, "assets/")
     return (
         f"openpi-merge: {step_dir} matches its manifest: {len(recorded)} parameters "
         f"({sum(leaf.nbytes for leaf in contents.leaves.values()) / 1e9:.3g} GB) and {len(assets)} asset files"
     )
 
 
+def _refuse_changed(where: pathlib.Path, recorded: dict, found: dict, prefix: str = "") -> None:
+    """Raises NumericsError naming the first file (``prefix`` + name) missing, extra or changed against ``recorded``."""
+    for name in sorted(recorded.keys() | found.keys()):
+        if found.get(name) != recorded.get(name):
+            raise errors.NumericsError(
+                f"{where}: {prefix}{name} differs from what openpi-merge wrote (missing, extra or changed): the copy "
+                "is damaged; copy it again from the original"
+            )
+
+
 def _check_files(directory: pathlib.Path, document: dict) -> str:
     """An export dir against its manifest: the same files, each with the same bytes."""
-    found = _files(directory)
-    for name in sorted(document["files"].keys() | found.keys()):
-        if found.get(name) != document["files"].get(name):
-            raise errors.NumericsError(
-                f"{directory}: {name} differs from what openpi-merge wrote (missing, extra or changed): the copy is "
-                "damaged; copy it again from the original"
-            )
+    found = _files(directory, leave_out=(FILENAME,))
+    _refuse_changed(directory, document["files"], found)
     total = sum(entry["bytes"] for entry in found.values())
     return (
         f"openpi-merge: {directory} matches its manifest: the {document['kind']} export's {len(found)} files "

@@ -131,7 +131,7 @@ def inspect(settings: config.Settings, outcome: report.Outcome) -> None:
 def check(settings: config.Settings, outcome: report.Outcome, stop: Stop) -> str:
     """``mode=check``: re-reads the step dir (or export dir) at ``input`` and compares it with its manifest."""
     given = storage.resolve(settings.input)
-    is_export = not storage.is_remote(given) and (given / manifest.FILENAME).is_file() and manifest.is_files(given)
+    is_export = not storage.is_remote(given) and manifest.is_files(given)
     with outcome.stopwatch.phase("check"):
         return manifest.check(
             given if is_export else checkpoint.locate_input(settings.input).root,
@@ -307,8 +307,6 @@ def write_exports(
     job: Job, claims: list[tuple[export.Target, commit.Claim]], params_dir: storage.AnyPath, token: str
 ) -> list[export.Proof]:
     """Each export, from the staged params, into its own staging dir, proven (``export``)."""
-    if not claims:
-        return []
     merged = export.Merged(params_dir, job.merge_plan, value_suffix=job.given.contents.value_suffix)
     proofs = []
     for target, claim in claims:

@@ -457,12 +457,23 @@ def _shapes(params: Mapping[Path, np.ndarray]) -> dict[Path, tuple[int, ...]]:
 def expected(params_or_shapes: Mapping, model: str, dtype: str = "bfloat16") -> dict[str, tuple[tuple, np.dtype]]:
     """The key set of the export, each with its shape and dtype, from the tree's shapes alone (no array data)."""
     shapes = {tuple(p): tuple(getattr(a, "shape", a)) for p, a in params_or_shapes.items()}
-    want = _dtype(dtype)
-    out = {}
-    for mod in _modules(shapes, model):
+    _, specs = _layout(shapes, model, _dtype(dtype))
+    return {key: (shape, stored) for key, (_, shape, stored) in specs.items()}
+
+
+def _layout(
+    shapes: Mapping[Path, tuple[int, ...]],
+    model: str,
+    want: np.dtype,
+    dtype_of: Callable[[str], np.dtype] | None = None,
+) -> tuple[list, dict[str, tuple[int, tuple[int, ...], np.dtype]]]:
+    """The export's modules, and each key's module index, shape and dtype (``dtype_of``'s, else ``want``'s mix)."""
+    modules = _modules(shapes, model)
+    specs = {}
+    for index, mod in enumerate(modules):
         for key, shape in mod.shapes(shapes).items():
-            out[key] = (shape, _stored_dtype(key, want))
-    return out
+            specs[key] = (index, shape, _stored_dtype(key, want) if dtype_of is None else dtype_of(key))
+    return modules, specs
 
 
 def _dtype(dtype) -> np.dtype:
@@ -487,14 +498,8 @@ class StateDict(Mapping):
         *,
         dtype_of: Callable[[str], np.dtype] | None = None,
     ) -> None:
-        want = _dtype(dtype)
         self._params = {tuple(p): a for p, a in params.items()}
-        shapes = _shapes(self._params)
-        self._modules = _modules(shapes, model)
-        self._specs: dict[str, tuple[int, tuple[int, ...], np.dtype]] = {}
-        for index, mod in enumerate(self._modules):
-            for key, shape in mod.shapes(shapes).items():
-                self._specs[key] = (index, shape, _stored_dtype(key, want) if dtype_of is None else dtype_of(key))
+        self._modules, self._specs = _layout(_shapes(self._params), model, _dtype(dtype), dtype_of)
         self._current: tuple[int, dict[str, np.ndarray]] = (-1, {})
 
     def spec(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
