@@ -62,6 +62,12 @@ FIELDS: tuple[Field, ...] = (
           "input; needs torch and openpi importable (openpi's env). See Deploy in the README"),
     Field("action_horizon", int, "train_config's, else 50", "actions per chunk, as the exports' `config.json` "
           "records it (not stored in checkpoints; openpi's `Pi0Config` default is 50)"),
+    Field("lerobot_image_keys", ",".join(openpi_layout.IMAGE_KEYS), "openpi's 3 slots", "the LeRobot export's "
+          "cameras, comma-separated: its `observation.images.<name>` features, in the order of openpi's slots (base, "
+          "left wrist, right wrist), 1 to 3 names; the slots fewer names leave become LeRobot's `empty_cameras`, fed "
+          "as masked images as openpi feeds a missing camera"),
+    Field("lerobot_state_dim", 0, "`0`", "length of the LeRobot export's `observation.state` (the robot's state "
+          "before openpi pads it); `0`: the length of the state norm stats"),
     Field("asset_id", "", "the only one", "which `assets/<asset_id>/norm_stats.json` the LeRobot export normalises "
           "with, when the input carries several"),
     Field("train_config", str, "from the input path", "an openpi TrainConfig name (e.g. "
@@ -73,8 +79,9 @@ FIELDS: tuple[Field, ...] = (
           "setting came from, and every problem the merge would hit, write nothing; `check`: re-read the step dir at "
           "`input` (a merged output or a copy of one) and compare every array and asset file with the manifest the "
           "merge wrote into it"),
-    Field("verify", True, "`True`", "before anything is committed, run random probes through each module's own "
-          "forward equation, LoRA path vs merged kernel; fail beyond what rounding explains"),
+    Field("verify", True, "`True`", "before anything is committed, check every stored kernel: random probes through "
+          "the update it got vs openpi's LoRA path (A, then B), and each element vs the float32 sum it rounds; fail "
+          "beyond what rounding explains"),
     Field("verify_reload", False, "`False`", "re-read the written checkpoint and compare it bit for bit before "
           "committing"),
     Field("reference", "", '`""`', "a base checkpoint (e.g. openpi's `pi0_base`) whose tree, shapes and dtypes the "
@@ -189,6 +196,8 @@ class Settings:
     export_dtype: str = "bfloat16"
     export_check: bool = False
     asset_id: str = ""
+    lerobot_image_keys: tuple[str, ...] = openpi_layout.IMAGE_KEYS
+    lerobot_state_dim: int | None = None  # None: the length of the state norm stats.
     action_horizon: int = 50  # The exports' config.json: given, else train_config's, else openpi's default.
 
 
@@ -359,8 +368,33 @@ def read_settings(config: ml_collections.ConfigDict, *, openpi: openpi_config.Op
         export_dtype=config.export_dtype,
         export_check=bool(config.export_check),
         asset_id=config.asset_id,
+        lerobot_image_keys=_image_keys(config.lerobot_image_keys),
+        lerobot_state_dim=_state_dim(config.lerobot_state_dim),
         action_horizon=_action_horizon(config.action_horizon, train),
     )
+
+
+def _image_keys(text: str) -> tuple[str, ...]:
+    slots = len(openpi_layout.IMAGE_KEYS)
+    keys = tuple(k.strip().removeprefix("observation.images.") for k in text.split(","))
+    if not 0 < len(keys) <= slots or not all(keys) or len(set(keys)) != len(keys):
+        raise errors.ConfigError(
+            f"lerobot_image_keys={text!r} must be 1 to {slots} distinct comma-separated camera names, in the order "
+            f"of openpi's slots (default {','.join(openpi_layout.IMAGE_KEYS)})"
+        )
+    bad = [k for k in keys if not all(c.isalnum() or c in "_-" for c in k)]
+    if bad:
+        raise errors.ConfigError(
+            f"lerobot_image_keys: {bad[0]!r} is not a camera name (letters, digits, '_' and '-'): LeRobot looks each "
+            "up as observation.images.<name>"
+        )
+    return keys
+
+
+def _state_dim(given: int) -> int | None:
+    if type(given) is not int or given < 0:
+        raise errors.ConfigError(f"lerobot_state_dim={given!r} must be a positive integer, or 0 for the stats' length")
+    return given or None
 
 
 _DEFAULT_ACTION_HORIZON = 50  # openpi's Pi0Config.action_horizon.

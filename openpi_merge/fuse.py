@@ -6,10 +6,11 @@ the layer's figures on the device; ``finish`` fetches them all at once and raise
 ``fuse_pair`` runs a stacked kernel through one LayerFuser and writes each stored layer into the target in place;
 the streaming pipeline calls LayerFuser itself on the slices it reads.
 
-With verification on, the same compiled step also runs random probe inputs through the module's own forward
-equation twice, the LoRA way (kernel, then A and B as openpi applies them) and through the merged kernel as stored,
-and measures the difference against what rounding explains (see ``_verify_layer``). Probes are drawn on the host from
-``np.random.default_rng(seed)`` over all of the pair's layers at once and indexed by layer.
+With verification on, the same compiled step also checks what it stored (see ``_verify_layer``): random probe inputs
+go through the update it added (one product with a layer-sized operand) and through openpi's LoRA path (A, then B),
+and the stored kernel is compared element by element with the merged float32 sum, each against what rounding
+explains. Probes are drawn on the host from ``np.random.default_rng(seed)`` over all of the pair's layers at once and
+indexed by layer.
 
 Whether or not it verifies, the step also measures how much of the LoRA update survived rounding to the output dtype
 (``_rounding_stats``): openpi's adapters start at normal(0.01), so an update can sit below a bfloat16 ulp of its
@@ -28,6 +29,7 @@ partitioner change the arithmetic; see ``_fuse_program``.)
 import dataclasses
 import functools
 import math
+import string
 from collections.abc import Callable
 
 import jax
@@ -47,8 +49,8 @@ class Check:
     """What the fuse measured for one pair: verification (None when off) and what rounding left of the update."""
 
     pair: plan.Pair
-    relative_error: float | None  # max |y_merged - y_lora| / max |y_lora| over all probes and layers.
-    bound_ratio: float | None  # max |y_merged - y_lora| / (error that rounding explains); above 1 fails.
+    relative_error: float | None  # max |x.U - s (x.A).B| / max |s (x.A).B|: the update's error, all probes and layers.
+    bound_ratio: float | None  # Worst error / the error rounding explains, probes and store alike; above 1 fails.
     changed_fraction: float = 0.0  # Share of kernel elements whose stored value the merge changed.
     # ||stored - (W + s dW)|| / ||s dW||: the rounding error of the stored kernel against the update itself. 0: the
     # update survived exactly; 1 or more: rounding erased as much as the update (e.g. an update below one ulp).
@@ -59,21 +61,13 @@ class Check:
         return self.relative_error is not None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Step:
-    """Static description of one pair's fuse, the key of its compiled function."""
-
-    update_equation: str
-    forward_equation: str
-    lora_equations: tuple[str, str]
-    scale: float
-    out_dtype: np.dtype
-    probe_shape: tuple[int, ...] | None  # None: no verification.
-    tolerance: float  # Relative rounding budget of the probe outputs.
-
-
 def _unit_roundoff(dtype: np.dtype) -> float:
     return float(ml_dtypes.finfo(dtype).eps) / 2
+
+
+def _gamma(terms: int) -> float:
+    """Higham's gamma_k: the relative error bound of a float32 sum or dot product of ``terms`` terms, in any order."""
+    return terms * _F32_UNIT_ROUNDOFF / (1 - terms * _F32_UNIT_ROUNDOFF)
 
 
 def _probe_shape(lhs: str, kernel_dims: dict[str, int]) -> tuple[int, ...]:
@@ -96,21 +90,108 @@ def _probe_equations(pair: plan.Pair) -> tuple[str, tuple[str, str]]:
     return f"{blocks}{lhs},{rhs}->{out}", (f"{blocks}{lhs},{a_rhs}->{a_out}", eqn_b)
 
 
+def _dims(equation: str, *shapes: tuple[int, ...]) -> dict[str, int]:
+    """Every operand label's size, from the operands' shapes."""
+    labels = lora.split_equation(equation)[:2]
+    return {c: n for operand, shape in zip(labels, shapes, strict=True) for c, n in zip(operand, shape, strict=True)}
+
+
+def _contracted(equation: str, dims: dict[str, int]) -> int:
+    """How many products each output of ``equation`` sums."""
+    lhs, rhs, out = lora.split_equation(equation)
+    return math.prod(dims[c] for c in set(lhs) & set(rhs) - set(out))
+
+
+# The partial sums of a blocked contraction hold blocks x outputs floats: at most this many (4 MiB).
+_MAX_PARTIALS = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class _Blocked:
+    """A contraction summed in two stages: ``blocks`` partial sums over one contracted axis, then their sum.
+
+    Why: a float32 dot of n terms is only known to within gamma_n of the sum of the terms' magnitudes, and XLA picks
+    the order. Summing sqrt(n) blocks of sqrt(n) terms, kept apart by an optimisation barrier, bounds it by
+    gamma_(2 sqrt(n)): 64x tighter for pi0's mlp/linear (n = 16384), which is what lets the one-product check below
+    fail a 1% error there. Without the barrier XLA (jax 0.10's CPU backend) fuses the partial dot and its sum back
+    into one dot.
+    """
+
+    equation: str
+    axis: str  # The contracted label split into (blocks, its size / blocks); "" for a plain einsum.
+    blocks: int
+    terms: int  # The longest sum an output goes through: in a block plus across blocks.
+
+
+def _blocked(equation: str, dims: dict[str, int]) -> _Blocked:
+    lhs, rhs, out = lora.split_equation(equation)
+    n = _contracted(equation, dims)
+    axis = max(sorted(set(lhs) & set(rhs) - set(out)), key=dims.__getitem__, default="")
+    outputs = math.prod(dims[c] for c in out)
+    size = dims.get(axis, 1)
+    fits = [k for k in range(2, size + 1) if size % k == 0 and k * outputs <= _MAX_PARTIALS]
+    blocks = min(fits, key=lambda k: n // k + k, default=1)
+    if blocks == 1 or n // blocks + blocks - 1 >= n:
+        return _Blocked(equation, "", 1, n)
+    return _Blocked(equation, axis, blocks, n // blocks + blocks - 1)
+
+
+def _blocked_einsum(blocked: _Blocked, x, y):
+    if not blocked.axis:
+        return _einsum(blocked.equation, x, y)
+    lhs, rhs, out = lora.split_equation(blocked.equation)
+    outer, inner = [c for c in string.ascii_letters if c not in blocked.equation][:2]
+
+    def split(labels: str, operand):
+        at = labels.index(blocked.axis)
+        shape = (*operand.shape[:at], blocked.blocks, operand.shape[at] // blocked.blocks, *operand.shape[at + 1 :])
+        return labels.replace(blocked.axis, outer + inner), operand.reshape(shape)
+
+    (lhs, x), (rhs, y) = split(lhs, x), split(rhs, y)
+    partials = jax.lax.optimization_barrier(_einsum(f"{lhs},{rhs}->{outer}{out}", x, y))
+    return jnp.sum(partials, axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """Static description of one pair's fuse, the key of its compiled function."""
+
+    update_equation: str
+    forward: _Blocked  # The probe of the update: the module's forward equation, blocked.
+    lora_a: _Blocked  # The LoRA path's first product, x . A, blocked alike.
+    lora_equations: tuple[str, str]
+    scale: float
+    out_dtype: np.dtype
+    probe_shape: tuple[int, ...] | None  # None: no verification.
+    tolerance: float  # Rounding budget of the probe outputs, relative to s (|x| . |A|) . |B|.
+
+
 def _make_step(pair: plan.Pair, *, verify: bool) -> _Step:
-    forward_equation, lora_equations = _probe_equations(pair)
-    lhs, rhs, out = lora.split_equation(forward_equation)
-    layer_shape = pair.kernel.shape[pair.batch_ndim :]
-    dims = dict(zip(rhs, layer_shape, strict=True))
-    contracted = math.prod(dims[c] for c in lhs if c in rhs and c not in out)
-    # The merged kernel's rounding to out_dtype, plus float32 sums over the contraction and the rank in both paths.
-    tolerance = _unit_roundoff(pair.out_dtype) + (contracted + pair.rank + 4) * _F32_UNIT_ROUNDOFF
+    forward_equation, (eqn_a, eqn_b) = _probe_equations(pair)
+    lhs, rhs, _ = lora.split_equation(forward_equation)
+    layer_shape, a_shape, b_shape = (leaf.shape[pair.batch_ndim :] for leaf in (pair.kernel, pair.lora_a, pair.lora_b))
+    probe_shape = _probe_shape(lhs, dict(zip(rhs, layer_shape, strict=True)))
+    forward = _blocked(forward_equation, _dims(forward_equation, probe_shape, layer_shape))
+    a_dims = _dims(eqn_a, probe_shape, a_shape)
+    lora_a = _blocked(eqn_a, a_dims)
+    b_terms = _contracted(eqn_b, {**a_dims, **dict(zip(lora.split_equation(eqn_b)[1], b_shape, strict=True))})
+    update_terms = _contracted(pair.update_equation, _dims(pair.update_equation, a_shape, b_shape))
+    # |x . U - s (x . A) . B| where U = fl(s dW) is the update the fuse stored, each side as computed in float32: the
+    # update's own rounding (gamma_(r+1) per element), the blocked probe of U, and the factored path. Each term is
+    # at most its gamma times s (|x| . |A|) . |B|, which is itself computed in float32 (the last factor).
+    tolerance = (
+        _gamma(forward.terms) * (1 + _gamma(update_terms + 1))
+        + _gamma(lora_a.terms + b_terms + 1)
+        + _gamma(update_terms + 1)
+    ) * (1 + _gamma(_contracted(eqn_a, a_dims) + b_terms + 1))
     return _Step(
         update_equation=pair.update_equation,
-        forward_equation=forward_equation,
-        lora_equations=lora_equations,
+        forward=forward,
+        lora_a=lora_a,
+        lora_equations=(eqn_a, eqn_b),
         scale=pair.scale,
         out_dtype=pair.out_dtype,
-        probe_shape=_probe_shape(lhs, dims) if verify else None,
+        probe_shape=probe_shape if verify else None,
         tolerance=tolerance,
     )
 
@@ -120,25 +201,32 @@ def _einsum(equation: str, *operands):
     return jnp.einsum(equation, *operands, precision="highest")
 
 
-def _verify_layer(step: _Step, x, kernel, lora_a, lora_b, merged):
-    """Probe outputs of the LoRA path against the merged kernel: (max |diff|, max |y_lora|, max diff / bound, and
-    whether every output is finite).
+def _verify_layer(step: _Step, x, lora_a, lora_b, update, merged, stored):
+    """(max |y_update - y_lora|, max |y_lora|, probe error / bound, store error / bound): one layer against its
+    factors.
 
-    The bound is the standard forward-error bound of the computation: ``tolerance * einsum(|x|, |W'|)`` covers the
-    merged kernel's rounding and float32 accumulation in both paths.
+    Two checks, each against what float32 and the output dtype's rounding explain (a ratio above 1 fails):
+    - Freivalds' check on the update: probe inputs ``x`` through the update the fuse added (``x . U``, the one product
+      with a layer-sized operand) against openpi's own LoRA path ``s (x . A) . B``. A wrong update equation, a
+      transposed factor, a wrong scale or a corrupted element of U shows up in the probe outputs; the bound is
+      ``tolerance * s (|x| . |A|) . |B|`` (see ``_make_step``), tight because both contractions over the layer's
+      input are blocked (``_Blocked``).
+    - The store, element by element: ``stored`` must be ``merged = kernel + U`` rounded to the output dtype, within
+      half an ulp. This catches any flipped bit of the stored kernel but the sign of a zero, where a probe could not
+      see one ulp of bfloat16 through the kernel's own magnitude. Its ratio is NaN or Inf exactly when the merged or
+      the stored kernel holds a NaN or Inf (NaN propagates through max), so the same pass is the finiteness test.
     """
     eqn_a, eqn_b = step.lora_equations
-    y_lora = _einsum(step.forward_equation, x, kernel) + step.scale * _einsum(eqn_b, _einsum(eqn_a, x, lora_a), lora_b)
-    y_merged = _einsum(step.forward_equation, x, merged)
-    # Finite probe outputs mean finite layers: every element of the kernel, A, B and the stored layer takes part in
-    # some output with a nonzero probe weight, and a NaN or Inf there makes that output NaN or Inf. (This spares the
-    # step a pass over the layer to test every element.)
-    finite = jnp.all(jnp.isfinite(y_merged)) & jnp.all(jnp.isfinite(y_lora))
-    diff = jnp.abs(y_merged - y_lora)
-    lora_magnitude = jnp.abs(step.scale) * _einsum(eqn_b, _einsum(eqn_a, jnp.abs(x), jnp.abs(lora_a)), jnp.abs(lora_b))
-    magnitude = _einsum(step.forward_equation, jnp.abs(x), jnp.abs(merged) + jnp.abs(kernel)) + lora_magnitude
-    bound = step.tolerance * magnitude + jnp.finfo(jnp.float32).tiny
-    return jnp.max(diff), jnp.max(jnp.abs(y_lora)), jnp.max(diff / bound), finite
+    y_update = _blocked_einsum(step.forward, x, update)
+    y_lora = step.scale * _einsum(eqn_b, _blocked_einsum(step.lora_a, x, lora_a), lora_b)
+    magnitude = abs(step.scale) * _einsum(eqn_b, _einsum(eqn_a, jnp.abs(x), jnp.abs(lora_a)), jnp.abs(lora_b))
+    diff = jnp.abs(y_update - y_lora)
+    probed = jnp.max(diff / (step.tolerance * magnitude + jnp.finfo(jnp.float32).tiny))
+    out = ml_dtypes.finfo(step.out_dtype)
+    ulp_floor = max(float(out.smallest_subnormal), float(jnp.finfo(jnp.float32).tiny))  # Subnormals, flushed or not.
+    half_ulp = _unit_roundoff(step.out_dtype) * jnp.abs(merged) + ulp_floor
+    stored_ratio = jnp.max(jnp.abs(stored - merged) / half_ulp)
+    return jnp.max(diff), jnp.max(jnp.abs(y_lora)), probed, stored_ratio
 
 
 # finite, max diff, max |y_lora|, bound ratio, changed fraction, |s dW|^2, |stored - W - s dW|^2, factors finite.
@@ -181,8 +269,11 @@ def _fuse_layer(step: _Step, kernel, lora_a, lora_b, probes):
     stats = stats.at[7].set(jnp.all(jnp.isfinite(lora_a)) & jnp.all(jnp.isfinite(lora_b)))
     if step.probe_shape is None:
         return stored, stats.at[0].set(jnp.all(jnp.isfinite(merged)))
-    *checks, finite = _verify_layer(step, probes, kernel, lora_a, lora_b, stored.astype(jnp.float32))
-    return stored, stats.at[1:4].set(jnp.stack(checks)).at[0].set(finite)
+    max_diff, max_output, probed, store = _verify_layer(
+        step, probes, lora_a, lora_b, update, merged, stored.astype(jnp.float32)
+    )
+    stats = stats.at[1:4].set(jnp.stack([max_diff, max_output, jnp.maximum(probed, store)]))
+    return stored, stats.at[0].set(jnp.isfinite(store))
 
 
 @functools.cache
@@ -289,8 +380,8 @@ def _check(pair: plan.Pair, stats: np.ndarray, *, verified: bool) -> Check:
     check = Check(pair, relative_error, float(bound_ratio.max()), **rounding)
     if not check.bound_ratio <= 1.0:
         raise errors.NumericsError(
-            f"verification failed for {pair.kernel.name}: merged outputs differ from the LoRA path by "
-            f"{check.bound_ratio:.3g}x what {pair.out_dtype.name} rounding explains (relative error "
+            f"verification failed for {pair.kernel.name}: the merged kernel differs from the LoRA path by "
+            f"{check.bound_ratio:.3g}x what {pair.out_dtype.name} rounding explains (relative error of the update "
             f"{check.relative_error:.3g})"
         )
     return check

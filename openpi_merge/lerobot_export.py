@@ -25,8 +25,10 @@ Contract (numpy, safetensors and json only: neither torch nor lerobot is importe
   state and actions to the model's action dim), ``dtype``, the variants, ``device: null`` (LeRobot picks one at load)
   and ``push_to_hub: false``; input features ``observation.images.<key>`` (VISUAL, 3x224x224) for each image key
   (openpi's ``base_0_rgb``, ``left_wrist_0_rgb``, ``right_wrist_0_rgb`` by default, in that order: the order the
-  model sees them) and ``observation.state`` (STATE, ``state_dim``, default the length of the state stats); output
-  feature ``action`` (ACTION, the length of the action stats, at most ``action_dim``).
+  model sees them; one to three keys, and the slots fewer keys leave are ``empty_cameras``, whose
+  ``observation.images.empty_camera_<i>`` features are listed as LeRobot's own save lists them) and
+  ``observation.state`` (STATE, ``state_dim``, default the length of the state stats); output feature ``action``
+  (ACTION, the length of the action stats, at most ``action_dim``).
 - Normalisation follows LeRobot's configs: pi0 normalises state and actions by MEAN_STD, pi0.5 by QUANTILES
   (q01/q99), images IDENTITY. ``norm_stats`` is the parsed ``assets/<asset_id>/norm_stats.json`` of openpi
   (``{"norm_stats": {"state": {"mean", "std", "q01", "q99"}, "actions": {...}}}``; ``read_norm_stats`` reads one). Its
@@ -57,7 +59,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from openpi_merge import errors, torch_export
+from openpi_merge import errors, openpi_layout, torch_export
 
 MODELS = ("pi0", "pi05")
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
@@ -71,7 +73,7 @@ POSTPROCESSOR_FILE = "policy_postprocessor.json"
 PREFIX = "model."
 EMBED_TOKENS = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
 PALIGEMMA_LM_HEAD = "paligemma_with_expert.paligemma.lm_head.weight"
-OPENPI_IMAGE_KEYS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+EMPTY_CAMERA = "empty_camera_{}"  # LeRobot's name for a camera slot no feature fills (PI0Config.validate_features).
 IMAGE_SHAPE = (3, 224, 224)
 STATE_FEATURE = "observation.state"
 ACTION_FEATURE = "action"
@@ -322,6 +324,7 @@ def config_json(
     *,
     model: str,
     input_features: dict,
+    empty_cameras: int = 0,
     output_features: dict,
     action_dim: int,
     action_horizon: int,
@@ -364,7 +367,7 @@ def config_json(
         "action_feature_names": None,
         "rtc_config": None,
         "image_resolution": list(IMAGE_SHAPE[1:]),
-        "empty_cameras": 0,
+        "empty_cameras": empty_cameras,
         "tokenizer_max_length": _TOKENIZER_MAX_LENGTH[model],
         "normalization_mapping": _norm_map(model),
         "gradient_checkpointing": False,
@@ -481,16 +484,22 @@ def write(
             f"LeRobot export: malformed norm stats: {action_len} action values, the model has action_dim {action_dim}"
         )
     stats[STATE_FEATURE] = {s: a[:state_dim] for s, a in stats[STATE_FEATURE].items()}
-    keys = list(OPENPI_IMAGE_KEYS if image_keys is None else image_keys)
-    if not keys or len(set(keys)) != len(keys):
-        raise errors.ConfigError(f"LeRobot export: image keys {keys} must be distinct and at least one")
-
-    inputs = {IMAGE_PREFIX + k: _feature("VISUAL", IMAGE_SHAPE) for k in keys}
+    keys = list(openpi_layout.IMAGE_KEYS if image_keys is None else image_keys)
+    slots = len(openpi_layout.IMAGE_KEYS)
+    if not 0 < len(keys) <= slots or len(set(keys)) != len(keys):
+        raise errors.ConfigError(
+            f"LeRobot export: image keys {keys} must be 1 to {slots} distinct names (the model's camera slots)"
+        )
+    # The slots no key fills are LeRobot's empty cameras: features it adds itself (validate_features) and feeds as
+    # masked -1 images after the given ones, as openpi feeds a camera an observation lacks.
+    empty = [EMPTY_CAMERA.format(i) for i in range(slots - len(keys))]
+    inputs = {IMAGE_PREFIX + k: _feature("VISUAL", IMAGE_SHAPE) for k in [*keys, *empty]}
     inputs[STATE_FEATURE] = _feature("STATE", (state_dim,))
     outputs = {ACTION_FEATURE: _feature("ACTION", (action_len,))}
     config = config_json(
         model=model,
         input_features=inputs,
+        empty_cameras=len(empty),
         output_features=outputs,
         action_dim=action_dim,
         action_horizon=action_horizon,

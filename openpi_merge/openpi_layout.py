@@ -11,6 +11,7 @@ training/checkpoints.py). Every other module imports these facts from here; none
 - openpi's stock Gemma variants and their ``LoRAConfig``s for "attn" and "ffn" (``STOCK_VARIANTS``).
 - Training's directory layout ``<checkpoint_base_dir>/<config name>/<exp_name>/<step>`` (``train_config_from_path``).
 - What tells the model families apart in a tree (``detect_model``).
+- The camera slots pi0 and pi0.5 take, in the order the model sees them (``IMAGE_KEYS``, ``models/model.py``).
 """
 
 import dataclasses
@@ -26,6 +27,9 @@ MODEL_EXPERTS: dict[str, dict[str, str]] = {
     "pi05": {"paligemma": "gemma_2b_lora", "action_expert": "gemma_300m_lora"},
     "pi0_fast": {"paligemma": "gemma_2b_lora"},
 }
+# pi0's and pi0.5's image slots (openpi's model.IMAGE_KEYS): base camera, left wrist, right wrist. A slot an
+# observation lacks is fed as a masked image, so the model always sees all three.
+IMAGE_KEYS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 # openpi names the action expert's modules with this suffix (q_einsum_1, mlp_1, ...); PaliGemma's have none.
 EXPERT_SUFFIXES = {"paligemma": "", "action_expert": "_1"}
 # The shipped config of each family (openpi_merge/configs/<name>.py).

@@ -3,6 +3,9 @@
   python scripts/bench.py                      # full-scale pi0 (about 3.3 B parameters): minutes, ~20 GB of disk
   python scripts/bench.py --scale=tiny         # smoke run
 
+The synthetic checkpoint is stored as openpi's single-GPU LoRA configs store it (Orbax's single-device defaults: one
+chunk per array, an array over 2 GiB split on its last axis); ``--layout=fsdp`` or ``--layout=layer`` for others.
+
 Each approach runs as its own process, timed by wall clock, with its peak RSS from wait4():
   1. cp -r of the checkpoint (the disk's limit),
   2. Orbax restore-all + save-all of the same params (Orbax's own floor),
@@ -219,7 +222,7 @@ def _run(name: str, command: list[str], reads: str | pathlib.Path, writes: str |
     }
 
 
-def _prepare(model: str, scale: str, checkpoint_dir: str, work: str) -> None:
+def _prepare(model: str, scale: str, layout: str, checkpoint_dir: str, work: str) -> None:
     """Child process: writes the synthetic checkpoint unless one is given; prints its facts and the machine's as JSON.
 
     Done in a child so that the parent stays small: a child's peak RSS counts its parent's at fork.
@@ -231,7 +234,9 @@ def _prepare(model: str, scale: str, checkpoint_dir: str, work: str) -> None:
 
     started = time.perf_counter()
     step = (
-        pathlib.Path(checkpoint_dir) if checkpoint_dir else synthetic.write_checkpoint(work, model=model, scale=scale)
+        pathlib.Path(checkpoint_dir)
+        if checkpoint_dir
+        else synthetic.write_checkpoint(work, model=model, scale=scale, chunking=layout)
     )
     write_s = None if checkpoint_dir else time.perf_counter() - started
     params_dir = checkpoint.locate_input(str(step)).params_dir
@@ -284,6 +289,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pi0", choices=("pi0", "pi05", "pi0_fast"))
     parser.add_argument("--scale", default="full", choices=("tiny", "full"))
+    parser.add_argument(
+        "--layout",
+        default="orbax",
+        choices=("orbax", "fsdp", "layer"),
+        help="how the synthetic checkpoint stores its arrays: Orbax's single-device defaults (what openpi's single-GPU "
+        "LoRA configs write: one chunk per array, over 2 GiB split on the last axis), 256 MiB chunks of the array over "
+        "2 GiB as an FSDP save, or a layer per chunk",
+    )
     parser.add_argument("--checkpoint", help="an existing LoRA step dir to use instead of writing a synthetic one")
     parser.add_argument("--workdir", help="where to write checkpoints and outputs (default: a temporary dir)")
     parser.add_argument("--out", default="bench_out", help="where the markdown table and JSON go")
@@ -300,7 +313,8 @@ def main() -> None:
     work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="openpi-merge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     python = sys.executable
-    prepare = [python, __file__, "_prepare", args.model, args.scale, args.checkpoint or "", str(work / "input")]
+    prepare = [python, __file__, "_prepare", args.model, args.scale, args.layout, args.checkpoint or ""]
+    prepare.append(str(work / "input"))
     facts = json.loads(subprocess.run(prepare, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     step, params_dir, in_memory_gb, machine = (facts[k] for k in ("step", "params_dir", "in_memory_gb", "machine"))
     print(f"checkpoint {step}: {in_memory_gb:.2f} GB in memory (written in {facts['write_s'] or 0:.1f} s)", flush=True)
@@ -358,15 +372,16 @@ def main() -> None:
     table = _table(rows, in_memory_gb)
     merged_on = next(row["devices"] for row in rows if row["approach"] == "openpi-merge")
     header = (
-        f"{args.model} ({args.scale}), {in_memory_gb:.2f} GB in memory; {machine['cpu']}, {machine['cores']} cores, "
+        f"{args.model} ({args.scale}, layout {args.layout}), {in_memory_gb:.2f} GB in memory; {machine['cpu']}, "
+        f"{machine['cores']} cores, "
         f"{machine['memory_gb']} GB RAM, JAX {machine['jax']} on {merged_on}, {machine['date']}"
     )
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.md").write_text(f"{header}\n\n{table}\n")
     (out_dir / "bench.json").write_text(
-        json.dumps({"model": args.model, "scale": args.scale, "in_memory_gb": in_memory_gb, "machine": machine,
-                    "checkpoint_write_s": facts["write_s"], "runs": rows}, indent=2)
+        json.dumps({"model": args.model, "scale": args.scale, "layout": args.layout, "in_memory_gb": in_memory_gb,
+                    "machine": machine, "checkpoint_write_s": facts["write_s"], "runs": rows}, indent=2)
     )  # fmt: skip
     print(f"\n{header}\n\n{table}")
     if not args.workdir:

@@ -27,7 +27,7 @@ import openpi_torch
 import pytest
 from flax import traverse_util
 
-from openpi_merge import errors
+from openpi_merge import errors, openpi_layout
 from openpi_merge import lerobot_export as le
 from openpi_merge import torch_export as te
 from openpi_merge.openpi_layout import is_lora_leaf
@@ -100,7 +100,7 @@ def test_files_and_config(export, model, tmp_path):
     assert run["written"] == FILES[model]
     assert sorted(p.name for p in run["dir"].iterdir()) == sorted(FILES[model])
     config = json.loads((run["dir"] / "config.json").read_text())
-    images = {f"observation.images.{k}": {"type": "VISUAL", "shape": [3, 224, 224]} for k in le.OPENPI_IMAGE_KEYS}
+    images = {f"observation.images.{k}": {"type": "VISUAL", "shape": [3, 224, 224]} for k in openpi_layout.IMAGE_KEYS}
     assert list(config["input_features"]) == [*images, "observation.state"]  # The order the model sees them.
     assert config["input_features"] == images | {"observation.state": {"type": "STATE", "shape": [8]}}
     assert config["output_features"] == {"action": {"type": "ACTION", "shape": [7]}}  # The action stats' length.
@@ -131,6 +131,22 @@ def test_files_and_config(export, model, tmp_path):
     assert post["steps"][0]["registry_name"] == "unnormalizer_processor"
     assert post["steps"][0]["config"]["features"] == config["output_features"]
     assert {s["state_file"] for s in (*pre["steps"], *post["steps"]) if "state_file" in s} == set(FILES[model][4:])
+
+
+def test_fewer_cameras_leave_lerobots_empty_camera_slots(export, tmp_path):
+    run = export("pi0", tmp_path, image_keys=["top", "wrist"], state_dim=6)
+    config = json.loads((run["dir"] / "config.json").read_text())
+    image = {"type": "VISUAL", "shape": [3, 224, 224]}
+    assert config["empty_cameras"] == 1
+    assert config["input_features"] == {
+        "observation.images.top": image,
+        "observation.images.wrist": image,
+        "observation.images.empty_camera_0": image,  # As LeRobot's validate_features adds it, after the given ones.
+        "observation.state": {"type": "STATE", "shape": [6]},
+    }
+    pre = json.loads((run["dir"] / "policy_preprocessor.json").read_text())
+    (normalizer,) = [s for s in pre["steps"] if s["registry_name"] == "normalizer_processor"]
+    assert normalizer["config"]["features"] == config["input_features"] | config["output_features"]
 
 
 @pytest.mark.parametrize("model", ["pi0", "pi05"])
@@ -258,8 +274,9 @@ def test_write_refusals(export, tiny_checkpoint, tmp_path):
         },
     )
     refused(errors.PlanError, "no norm stats", norm_stats=None)
-    refused(errors.ConfigError, "must be distinct and at least one", image_keys=["base_0_rgb", "base_0_rgb"])
-    refused(errors.ConfigError, "must be distinct and at least one", image_keys=[])
+    refused(errors.ConfigError, "must be 1 to 3 distinct names", image_keys=["base_0_rgb", "base_0_rgb"])
+    refused(errors.ConfigError, "must be 1 to 3 distinct names", image_keys=[])
+    refused(errors.ConfigError, "must be 1 to 3 distinct names", image_keys=["a", "b", "c", "d"])
     # LeRobot's real variants: the tiny tree is not gemma_2b (its load would silently keep random weights).
     full = synthetic.model_dims("pi05", "full")
     refused(
@@ -353,7 +370,7 @@ def _observation(batch: int) -> tuple[dict, np.ndarray]:
     """openpi's observation (tests/openpi_torch.py's) with images that are exact both as LeRobot's [0, 1] ones and,
     times 2 minus 1, as openpi's [-1, 1] ones; and the noise."""
     rng = np.random.default_rng(11)
-    keys = le.OPENPI_IMAGE_KEYS
+    keys = openpi_layout.IMAGE_KEYS
     obs = {
         "image": {k: (rng.integers(0, 257, (batch, 224, 224, 3)) / 128 - 1).astype(np.float32) for k in keys},
         "image_mask": {k: np.ones(batch, bool) for k in keys},
@@ -570,3 +587,55 @@ def test_lerobot_loads_the_export_and_its_actions_are_openpis(merged_small, mode
     for steps, error in error_by_steps.items():
         assert error <= TOLERANCE[dtype][steps], steps
     assert control_error > 10 * TOLERANCE[dtype][10]
+
+
+@framework
+@pytest.mark.parametrize("model", ["pi0", "pi05"])
+def test_a_merge_with_two_cameras_loads_in_lerobot_and_acts_as_openpi_without_the_third(lerobot_small, model, tmp_path):
+    """The whole run: a LoRA checkpoint (at lerobot_small's sizes) merged in this process into both exports, float32,
+    with two of openpi's three camera slots named. LeRobot loads every key, lists the third slot as an empty camera,
+    and its actions on a batch of the two cameras equal openpi's PI0Pytorch's on the PyTorch export with the third
+    camera masked (how openpi feeds a camera an observation lacks)."""
+    from lerobot.policies.pi0.modeling_pi0 import PI0Policy
+    from lerobot.policies.pi05.modeling_pi05 import PI05Policy
+
+    from openpi_merge import config, pipeline, report
+
+    step = synthetic.write_checkpoint(tmp_path / "in", model, "tiny", seed=4)
+    cfg = config.make_config(model)
+    cfg.input, cfg.progress, cfg.export_dtype = str(step), False, "float32"
+    cfg.pytorch_output, cfg.lerobot_output = str(tmp_path / "pytorch"), str(tmp_path / "lerobot")
+    cfg.lerobot_image_keys, cfg.action_horizon = "top,wrist", HORIZON
+    pipeline.merge(config.read_settings(cfg, openpi=None), report.Outcome(config={}), lambda: None)
+
+    policy, printed = _load({"pi0": PI0Policy, "pi05": PI05Policy}[model], tmp_path / "lerobot")
+    assert "All keys loaded successfully!" in printed, printed
+    assert list(policy.config.image_features) == [f"observation.images.{k}" for k in ("top", "wrist", "empty_camera_0")]
+
+    obs, noise = _observation(2)
+    base, left, right = openpi_layout.IMAGE_KEYS
+    obs["image"][right] = np.full_like(obs["image"][right], -1.0)
+    obs["image_mask"][right] = np.zeros(2, bool)
+    weights = {model: tmp_path / "pytorch" / te.SAFETENSORS_FILE}
+    want = _openpi_actions(weights, obs, noise, tmp_path)[model]["float32-10"]
+    batch = _lerobot_batch(obs)
+    batch = {k: v for k, v in batch.items() if not k.startswith("observation.images.")} | {
+        "observation.images.top": batch[f"observation.images.{base}"],
+        "observation.images.wrist": batch[f"observation.images.{left}"],
+    }
+    import torch
+
+    got = policy.predict_action_chunk(batch, noise=torch.from_numpy(noise), num_steps=10).float().numpy()
+    # LeRobot cuts the model's padded actions to the action feature's length (the action stats': 7 of 8).
+    want = want[..., : got.shape[-1]]
+    error = float(np.max(np.abs(got - want))) / float(np.max(np.abs(want)))
+    line = f"lerobot export {model} float32, merged with 2 cameras: LeRobot vs openpi PI0Pytorch (relative) {error:.2e}"
+    if os.environ.get("OPENPI_MERGE_LEROBOT_MEASUREMENTS"):
+        with open(os.environ["OPENPI_MERGE_LEROBOT_MEASUREMENTS"], "a") as f:
+            f.write(line + "\n")
+    assert error <= TOLERANCE["float32"][10], line
+    # And a third camera matters: openpi with it unmasked acts differently (so the masked slot was what it saw).
+    obs["image_mask"][right] = np.ones(2, bool)
+    obs["image"][right] = obs["image"][base]
+    unmasked = _openpi_actions(weights, obs, noise, tmp_path)[model]["float32-10"][..., : got.shape[-1]]
+    assert float(np.max(np.abs(got - unmasked))) / float(np.max(np.abs(want))) > 10 * TOLERANCE["float32"][10]

@@ -414,3 +414,30 @@ def test_nested_phases_count_each_second_once(monkeypatch):
         pass
     assert stopwatch.seconds == {"save": 6.0, "restore": 3.0}
     assert stopwatch.total == 9.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("lerobot_image_keys", "top,wrist,left,right", "must be 1 to 3 distinct"),
+        ("lerobot_image_keys", "top,top", "must be 1 to 3 distinct"),
+        ("lerobot_image_keys", "top,", "must be 1 to 3 distinct"),
+        ("lerobot_image_keys", "top,wrist cam", "'wrist cam' is not a camera name"),
+        ("lerobot_state_dim", -1, "must be a positive integer, or 0"),
+    ],
+)
+def test_bad_lerobot_export_field_is_a_config_error(field, value, message):
+    cfg = config.make_config("pi0")
+    cfg.input, cfg.output = "in", "out"
+    cfg[field] = value
+    with pytest.raises(errors.ConfigError, match=message):
+        config.read_settings(cfg)
+
+
+def test_lerobot_image_keys_take_names_or_feature_keys():
+    cfg = config.make_config("pi0")
+    cfg.input, cfg.output = "in", "out"
+    assert config.read_settings(cfg).lerobot_image_keys == ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+    cfg.lerobot_image_keys, cfg.lerobot_state_dim = "observation.images.top, wrist", 7
+    settings = config.read_settings(cfg)
+    assert (settings.lerobot_image_keys, settings.lerobot_state_dim) == (("top", "wrist"), 7)

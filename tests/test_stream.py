@@ -36,7 +36,7 @@ def _slices(summary: str) -> int:
 
 
 def test_budgets_that_split_kernels_into_layers_write_the_same_bits_as_no_budget(tiny_checkpoint, tmp_path):
-    source = tiny_checkpoint(MODEL, layer_chunks=True)
+    source = tiny_checkpoint(MODEL, chunking="layer")
     unlimited = _merge(source, tmp_path / "none", "--config.memory_budget_gb=none")
     split = _merge(source, tmp_path / "split", "--config.memory_budget_gb=0.0001")
     _merge(source, tmp_path / "auto")
@@ -50,13 +50,13 @@ def test_budgets_that_split_kernels_into_layers_write_the_same_bits_as_no_budget
 
 
 def test_a_budget_below_one_layer_runs_each_layer_alone_and_says_so(tiny_checkpoint, tmp_path):
-    summary = _merge(tiny_checkpoint(MODEL, layer_chunks=True), tmp_path / "out", "--config.memory_budget_gb=1e-9")
+    summary = _merge(tiny_checkpoint(MODEL, chunking="layer"), tmp_path / "out", "--config.memory_budget_gb=1e-9")
     notes = [line for line in summary.splitlines() if "over the budget: processed alone" in line]
     assert any("mlp/gating_einsum needs" in line and "one layer" in line for line in notes), summary
 
 
 def test_blocks_cover_every_row_once_in_whole_input_chunks(tiny_checkpoint):
-    source = checkpoint.locate_input(str(tiny_checkpoint(MODEL, layer_chunks=True)))
+    source = checkpoint.locate_input(str(tiny_checkpoint(MODEL, chunking="layer")))
     contents = checkpoint.read_contents(source.params_dir)
     settings = _settings(input=str(source.root), output="/nonexistent")
     merge_plan = plan.make_plan(contents.leaves, settings)
@@ -118,7 +118,7 @@ def _peak_gb(summary: str) -> float:
 def test_a_streamed_merge_holds_far_less_memory_than_an_unlimited_one(tmp_path_factory):
     # A few hundred MB, one layer per chunk: big enough for what the arrays in flight take to stand out from the
     # baseline of Python, JAX, XLA and TensorStore (~0.3 GB, measured on the tiny checkpoint in the same way).
-    source = synthetic.write_checkpoint(tmp_path_factory.mktemp("small"), MODEL, "small", layer_chunks=True)
+    source = synthetic.write_checkpoint(tmp_path_factory.mktemp("small"), MODEL, "small", chunking="layer")
     tree_gb = sum(leaf.nbytes for leaf in checkpoint.read_contents(source / "params").leaves.values()) / 1e9
     out = tmp_path_factory.mktemp("out")
     unlimited = _peak_gb(_merge(source, out / "none", "--config.memory_budget_gb=none"))

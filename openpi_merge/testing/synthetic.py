@@ -385,10 +385,15 @@ class _LowMemoryNumpyHandler(ocp.type_handlers.NumpyHandler):
             return result
 
 
-def _save_args(x: np.ndarray, *, layer_chunks: bool) -> ocp.SaveArgs:
-    if layer_chunks and x.ndim >= 3:
+CHUNKINGS = ("fsdp", "orbax", "layer")
+
+
+def _save_args(x: np.ndarray, *, chunking: str) -> ocp.SaveArgs:
+    if chunking == "layer" and x.ndim >= 3:
         return ocp.SaveArgs(chunk_byte_size=max(x.nbytes // x.shape[0], x.itemsize), shard_axes=(0,))
-    return ocp.SaveArgs(chunk_byte_size=_STORAGE_CHUNK_BYTES if x.nbytes > _CHUNKED_ARRAY_BYTES else None)
+    if chunking == "fsdp" and x.nbytes > _CHUNKED_ARRAY_BYTES:
+        return ocp.SaveArgs(chunk_byte_size=_STORAGE_CHUNK_BYTES)
+    return ocp.SaveArgs()
 
 
 def write_checkpoint(
@@ -402,7 +407,7 @@ def write_checkpoint(
     fused_qkv: bool = False,
     asset_id: str = "example_robot",
     jax_arrays: bool = False,
-    layer_chunks: bool = False,
+    chunking: str = "fsdp",
 ) -> pathlib.Path:
     """Writes ``<directory>/<step>/`` as openpi training does and returns that step dir.
 
@@ -416,18 +421,21 @@ def write_checkpoint(
     through Orbax's stock path, at about 2.8x the tree's size in peak memory. Unlike openpi (``max_to_keep=1``),
     other steps already in ``directory`` are kept.
 
-    ``layer_chunks`` stores every array of three or more axes one layer (first-axis index) per chunk, as Orbax
-    stores an array sharded over its first axis: a merge can then read such a kernel a layer at a time.
+    ``chunking`` is how the arrays are stored. ``"fsdp"``: an array over 2 GiB (only the paligemma gating_einsum at
+    full scale) in 256 MiB chunks, as an FSDP-sharded openpi save would chunk it, every other array one chunk.
+    ``"orbax"``: Orbax's own defaults for a single-device save, what openpi's single-GPU LoRA configs write (one
+    chunk per array; Orbax splits an array over 2 GiB along its last axis), at about 1.7x the largest array on top of
+    the tree while saving. ``"layer"``: every array of three or more axes one layer (first-axis index) per chunk, as
+    Orbax stores an array sharded over its first axis: a merge can then read such a kernel a layer at a time.
     """
+    if chunking not in CHUNKINGS:
+        raise ValueError(f"unknown chunking {chunking!r}: expected one of {CHUNKINGS}")
     directory = pathlib.Path(directory).expanduser().resolve()
     directory.mkdir(parents=True, exist_ok=True)
     params = make_params(model, scale, seed=seed, fused_qkv=fused_qkv)
     if value_suffix:
         params = _with_value_suffix(params)
-    # Arrays over 2 GiB (only the paligemma gating_einsum at full scale) are stored in 256 MiB chunks, as an
-    # FSDP-sharded openpi save would chunk them: saved as one chunk, Orbax needs about 1.7x such an array on top of
-    # the tree. Every other array is one chunk, as openpi's single-device saves store them.
-    save_args = jax.tree.map(lambda x: _save_args(x, layer_chunks=layer_chunks), {PARAMS_KEY: params})
+    save_args = jax.tree.map(lambda x: _save_args(x, chunking=chunking), {PARAMS_KEY: params})
     if jax_arrays:
         params = jax.device_put(params)  # On CPU this usually shares the numpy buffers.
         params_handler = ocp.PyTreeCheckpointHandler()
