@@ -84,6 +84,9 @@ FIELDS: tuple[Field, ...] = (
           "beyond what rounding explains"),
     Field("verify_reload", False, "`False`", "re-read the written checkpoint and compare it bit for bit before "
           "committing"),
+    Field("carry", True, "`True`", "copy each unchanged array's stored chunks as they are when the output would "
+          "store it in the same encoding (one process), instead of decoding and encoding it again; the manifest "
+          "hashes it decoded either way"),
     Field("reference", "", '`""`', "a base checkpoint (e.g. openpi's `pi0_base`) whose tree, shapes and dtypes the "
           "output must match, checked before any array is read"),
     Field("report", "", '`""`', "write a JSON report here: config, settings and their sources, plan, verification "
@@ -182,6 +185,7 @@ class Settings:
     mode: str
     verify: bool
     verify_reload: bool
+    carry: bool
     reference: str
     report: str
     experts: dict[str, ExpertSettings]  # Keyed by module-name suffix: "" for PaliGemma, "_1" for the action expert.
@@ -354,6 +358,7 @@ def read_settings(config: ml_collections.ConfigDict, *, openpi: openpi_config.Op
         mode=config.mode,
         verify=bool(config.verify),
         verify_reload=bool(config.verify_reload),
+        carry=bool(config.carry),
         reference=config.reference,
         report=config.report,
         experts=experts,

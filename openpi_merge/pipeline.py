@@ -187,7 +187,7 @@ def write_streamed(job: Job, staging: commit.Committer, params_dir: storage.AnyP
         arrays = stream.output_arrays(blocks)
         options = staging.save_options
         with writer.slices(params_dir, arrays, value_suffix=given.contents.value_suffix, save_options=options) as out:
-            checks = stream.run(
+            streamed = stream.run(
                 blocks,
                 inputs,
                 out,
@@ -197,8 +197,15 @@ def write_streamed(job: Job, staging: commit.Committer, params_dir: storage.AnyP
                 digests=digests,
                 stop=stop,
                 on_pair=_fuse_progress(settings, merge_plan),
+                carry_kept=settings.carry,
             )
-        return Written(checks, digests.entries())
+        if streamed.carried:
+            carried_gb = sum(leaf.nbytes for leaf in streamed.carried) / memory.GB
+            outcome.details.append(
+                f"carried: {len(streamed.carried)} unchanged arrays ({carried_gb:.3g} GB) copied as the input stores "
+                "them, not encoded again"
+            )
+        return Written(streamed.checks, digests.entries())
     finally:
         digests.close()
 

@@ -20,6 +20,10 @@ layer is written as soon as it is computed: TensorStore encodes and writes it in
 are fused, and one digest thread hashes it (``manifest.Digests``). A block's memory is released once its writes are
 committed and its digests taken; blocks in flight (read issued, not yet released) hold at most the budget.
 
+Kept leaves. A kept leaf that is one block and whose output array has the input's zarr metadata is carried: its
+stored chunks are copied as they are (``carry``) instead of encoded again; it is still read and decoded once, for its
+digest. Any other kept leaf is written from the decoded block.
+
 Every output layer is computed by the same compiled program as in any other mode, from the same inputs, so the
 output is bit-identical to theirs. ``stop`` is called between layers and blocks.
 """
@@ -33,7 +37,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-from openpi_merge import fuse, manifest, memory, plan, reader, writer
+from openpi_merge import carry, fuse, manifest, memory, plan, reader, writer
 
 _NOTES = 3  # Arrays over the budget named in the summary, largest first.
 _LAYERS_AHEAD = 2  # Fused layers dispatched to XLA ahead of the one being written.
@@ -143,6 +147,14 @@ def describe(blocks: Sequence[Block], budget: int, how: str) -> list[str]:
 # --- The pipeline ---
 
 
+@dataclasses.dataclass(frozen=True)
+class Streamed:
+    """What ``run`` did: each pair's Check, and the kept leaves it carried as stored (``carry``)."""
+
+    checks: list[fuse.Check]
+    carried: list[plan.Leaf]
+
+
 @dataclasses.dataclass
 class _Reads:
     block: Block
@@ -175,8 +187,10 @@ def run(
     digests: manifest.Digests,
     stop: Callable[[], None],
     on_pair: Callable[[plan.Pair], None] = lambda pair: None,
-) -> list[fuse.Check]:
-    """Streams ``blocks`` from ``inputs`` to ``outputs`` (module docstring); returns each pair's Check.
+    carry_kept: bool = True,
+) -> Streamed:
+    """Streams ``blocks`` from ``inputs`` to ``outputs`` (module docstring); returns each pair's Check and the kept
+    leaves carried as stored (none without ``carry_kept``).
 
     Raises InputError naming the parameter for a read that fails (``reader``), NumericsError (NaN or Inf; a failed
     verification) from the fuse or the digests, InterruptError from ``stop``, and what TensorStore raises for a
@@ -189,6 +203,7 @@ def run(
     factors: dict[plan.Path, tuple[np.ndarray, np.ndarray]] = {}
     fusers: dict[plan.Path, fuse.LayerFuser] = {}
     checks: list[fuse.Check] = []
+    carried: list[plan.Leaf] = []
 
     def release_until(limit: int) -> None:
         nonlocal held
@@ -217,8 +232,13 @@ def run(
         stop()
         futures: list = []
         if block.pair is None:
-            index = None if not block.out.shape else slice(block.start, block.stop)
-            futures.append(_write(outputs[block.out.path], index, data))
+            source, target = inputs.stores[block.out.path], outputs[block.out.path]
+            if carry_kept and block.first and block.last and carry.carriable(source, target):
+                futures.append(carry.copy(source, target))
+                carried.append(block.out)
+            else:
+                index = None if not block.out.shape else slice(block.start, block.stop)
+                futures.append(_write(target, index, data))
             futures.append(digests.update(block.out, data))
         else:
             futures += _fuse_block(block, data, current, factors, fusers, seeds, outputs, digests, verify, device, stop)
@@ -232,7 +252,7 @@ def run(
             digests.finish(block.out)
         stop()
     release_until(0)
-    return checks
+    return Streamed(checks, carried)
 
 
 def _fuse_block(

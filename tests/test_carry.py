@@ -1,0 +1,94 @@
+"""Kept leaves carried as stored (openpi_merge.carry): copied chunks, the same checkpoint as re-encoding writes.
+
+Inputs are real Orbax checkpoints: ``chunking="orbax"`` is Orbax's single-device defaults (one chunk per array, what
+openpi's single-GPU LoRA configs write), ``chunking="layer"`` a chunk per layer of every array of 3 or more axes.
+Both stacks' restores of a carried output (openpi's call) are test_merge_end_to_end's other-stack test: the tiny
+checkpoint's kept leaves are carried by default.
+"""
+
+import json
+
+import numpy as np
+import tensorstore as ts
+from helpers import merge_ok, restore_flat, run_cli
+
+from openpi_merge import checkpoint, config, errors, manifest, orbax_compat, plan, reader
+
+MODEL = "pi0"
+
+
+def _kept(step) -> list[plan.Leaf]:
+    cfg = config.make_config(MODEL)
+    cfg.input, cfg.output = str(step), "out"
+    contents = checkpoint.read_contents(step / "params")
+    return plan.make_plan(contents.leaves, config.read_settings(cfg, openpi=None)).kept
+
+
+def _stores(params_dir, leaves) -> dict:
+    value_suffix = checkpoint.read_contents(params_dir).value_suffix
+    return reader.open_inputs(params_dir, leaves, value_suffix=value_suffix).stores
+
+
+def _chunks(store: ts.TensorStore) -> dict[bytes, bytes]:
+    """The array's stored chunk keys and their bytes, as the database holds them (metadata key left out)."""
+    kv = store.kvstore
+    return {k: kv.read(k).result().value for k in kv.list().result() if not k.endswith(b".zarray")}
+
+
+def test_an_orbax_default_input_carries_every_kept_leaf_as_stored(tiny_checkpoint, tmp_path):
+    step = tiny_checkpoint(MODEL, chunking="orbax")
+    kept = _kept(step)
+    summary = merge_ok(step, tmp_path / "carried").stdout
+    assert f"carried: {len(kept)} unchanged arrays" in summary
+    inputs, outputs = _stores(step / "params", kept), _stores(tmp_path / "carried" / "params", kept)
+    for leaf in kept:
+        assert _chunks(outputs[leaf.path]) == _chunks(inputs[leaf.path]), leaf.name  # The input's bytes, copied.
+        assert outputs[leaf.path].spec().to_json()["metadata"] == inputs[leaf.path].spec().to_json()["metadata"]
+
+
+def test_a_carried_output_is_the_checkpoint_re_encoding_writes(tiny_checkpoint, tmp_path):
+    step = tiny_checkpoint(MODEL, chunking="orbax")
+    merge_ok(step, tmp_path / "carried")
+    summary = merge_ok(step, tmp_path / "encoded", "--config.carry=False").stdout
+    assert "carried:" not in summary
+    carried, encoded = restore_flat(tmp_path / "carried" / "params"), restore_flat(tmp_path / "encoded" / "params")
+    assert carried.keys() == encoded.keys()
+    for path, array in encoded.items():
+        assert carried[path].dtype == array.dtype, path
+        assert carried[path].tobytes() == array.tobytes(), path
+    manifests = [json.loads((tmp_path / d / manifest.FILENAME).read_text()) for d in ("carried", "encoded")]
+    assert manifests[0]["params"] == manifests[1]["params"]  # The same decoded-bytes digests, leaf by leaf.
+    assert run_cli("--config.mode=check", f"--config.input={tmp_path / 'carried'}").returncode == 0
+
+
+def test_check_catches_a_flipped_byte_in_a_carried_chunk(tiny_checkpoint, tmp_path):
+    step = tiny_checkpoint(MODEL, chunking="orbax")
+    merge_ok(step, tmp_path / "out")
+    leaf = next(leaf for leaf in _kept(step) if leaf.nbytes >= 1024)
+    params = tmp_path / "out" / "params"
+    value_suffix = checkpoint.read_contents(params).value_suffix
+    use_ocdbt = (params / "manifest.ocdbt").exists()
+    spec = orbax_compat.read_spec(params, orbax_compat.array_name(leaf.path, value_suffix), use_ocdbt)
+    store = ts.open(ts.Spec(spec), open=True, read=True, context=orbax_compat.ts_context(use_ocdbt)).result()
+    kv = store.kvstore
+    (key,) = [k for k in kv.list().result() if not k.endswith(b".zarray")]
+    stored = bytearray(kv.read(key).result().value)
+    stored[len(stored) // 2] ^= 0x01  # One bit of the compressed chunk, in the middle of its frame.
+    kv.write(key, bytes(stored)).result()
+    checked = run_cli("--config.mode=check", f"--config.input={tmp_path / 'out'}")
+    assert checked.returncode == errors.NumericsError.exit_code
+    assert f"parameter {leaf.name} differs from what openpi-merge wrote" in checked.stderr
+
+
+def test_a_kept_leaf_stored_in_another_chunking_is_encoded_again(tiny_checkpoint, tmp_path):
+    step = tiny_checkpoint(MODEL, chunking="layer")
+    kept = _kept(step)
+    layered = [leaf for leaf in kept if len(leaf.shape) >= 3 and leaf.shape[0] > 1]
+    assert layered  # SigLIP's stacked encoder leaves: a chunk per layer in the input, one chunk in the output.
+    summary = merge_ok(step, tmp_path / "out").stdout
+    assert f"carried: {len(kept) - len(layered)} unchanged arrays" in summary
+    inputs, outputs = _stores(step / "params", layered), _stores(tmp_path / "out" / "params", layered)
+    for leaf in layered:
+        got, want = outputs[leaf.path], inputs[leaf.path]
+        assert got.spec().to_json()["metadata"]["chunks"] != want.spec().to_json()["metadata"]["chunks"]
+        assert np.array_equal(got.read().result(), want.read().result()), leaf.name
