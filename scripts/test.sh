@@ -34,7 +34,7 @@ torch_python="$PWD/$venvs/torch/bin/python"
 ) >"$logs/build" 2>&1 &
 build=$!
 
-# The two stacks run side by side (2 cores: 24 min for the whole script, 2026-12-03), but for the tests marked
+# The two stacks run side by side (2 cores: about 24 min of the script, 2026-12-03), but for the tests marked
 # "alone"; each one's output is printed whole once both are done, pinned first.
 export OPENPI_MERGE_SUITE_LOCK="$logs/lock"  # Tests marked "alone" run while the other stack waits (conftest).
 OPENPI_MERGE_OTHER_PYTHON="$PWD/$venvs/latest/bin/python" "$venvs/pinned/bin/python" -m pytest -q "$@" \
