@@ -48,15 +48,17 @@ def copy(source: ts.TensorStore, target: ts.TensorStore) -> concurrent.futures.F
     src, dst = source.kvstore, target.kvstore
 
     def run() -> int:
-        copied, writes = 0, []
+        # One transaction per leaf: one new version of the output's database, as a TensorStore write of the whole
+        # array makes, not one per chunk key (each a b-tree version that the final one supersedes).
+        transaction = ts.Transaction()
+        staged, copied = dst.with_transaction(transaction), 0
         for key in src.list().result():
             if key.rsplit(b"/", 1)[-1] in _METADATA_KEYS:
                 continue
             value = src.read(key).result().value
             copied += len(value)
-            writes.append(dst.write(key, value))
-        for write in writes:
-            write.result()
+            staged.write(key, value)
+        transaction.commit_async().result()
         return copied
 
     return _COPIER.submit(run)

@@ -13,9 +13,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 from flax import traverse_util
 
-from openpi_merge import lerobot_export
+from openpi_merge import checkpoint, lerobot_export, orbax_compat
 from openpi_merge.testing import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -140,6 +141,21 @@ def restore_flat(params_dir: pathlib.Path) -> dict[tuple[str, ...], np.ndarray]:
     if all(path[-1] == "value" for path in flat):
         flat = {path[:-1]: v for path, v in flat.items()}
     return flat
+
+
+def stored_array(params_dir: pathlib.Path, path: tuple[str, ...]) -> ts.TensorStore:
+    """Parameter ``path`` (no 'params' prefix, no 'value' suffix) opened as Orbax stores it, for its stored chunks."""
+    value_suffix = checkpoint.read_contents(params_dir).value_suffix
+    use_ocdbt = (params_dir / "manifest.ocdbt").exists()
+    spec = orbax_compat.read_spec(params_dir, orbax_compat.array_name(path, value_suffix), use_ocdbt)
+    return ts.open(ts.Spec(spec), open=True, read=True, context=orbax_compat.ts_context(use_ocdbt)).result()
+
+
+def stored_chunks(store: ts.TensorStore) -> dict[bytes, bytes]:
+    """An array's stored chunk keys and their bytes, as its database holds them (zarr metadata left out)."""
+    kv = store.kvstore
+    keys = [k for k in kv.list().result() if k.rsplit(b"/", 1)[-1] not in (b".zarray", b"zarr.json")]
+    return {k: kv.read(k).result().value for k in keys}
 
 
 def file_hashes(root: pathlib.Path) -> dict[str, str]:

@@ -9,10 +9,9 @@ checkpoint's kept leaves are carried by default.
 import json
 
 import numpy as np
-import tensorstore as ts
-from helpers import merge_ok, restore_flat, run_cli
+from helpers import merge_ok, restore_flat, run_cli, stored_array, stored_chunks
 
-from openpi_merge import checkpoint, config, errors, manifest, orbax_compat, plan, reader
+from openpi_merge import checkpoint, config, errors, manifest, plan, reader
 
 MODEL = "pi0"
 
@@ -29,12 +28,6 @@ def _stores(params_dir, leaves) -> dict:
     return reader.open_inputs(params_dir, leaves, value_suffix=value_suffix).stores
 
 
-def _chunks(store: ts.TensorStore) -> dict[bytes, bytes]:
-    """The array's stored chunk keys and their bytes, as the database holds them (metadata key left out)."""
-    kv = store.kvstore
-    return {k: kv.read(k).result().value for k in kv.list().result() if not k.endswith(b".zarray")}
-
-
 def test_an_orbax_default_input_carries_every_kept_leaf_as_stored(tiny_checkpoint, tmp_path):
     step = tiny_checkpoint(MODEL, chunking="orbax")
     kept = _kept(step)
@@ -42,7 +35,8 @@ def test_an_orbax_default_input_carries_every_kept_leaf_as_stored(tiny_checkpoin
     assert f"carried: {len(kept)} unchanged arrays" in summary
     inputs, outputs = _stores(step / "params", kept), _stores(tmp_path / "carried" / "params", kept)
     for leaf in kept:
-        assert _chunks(outputs[leaf.path]) == _chunks(inputs[leaf.path]), leaf.name  # The input's bytes, copied.
+        # The input's bytes, copied.
+        assert stored_chunks(outputs[leaf.path]) == stored_chunks(inputs[leaf.path]), leaf.name
         assert outputs[leaf.path].spec().to_json()["metadata"] == inputs[leaf.path].spec().to_json()["metadata"]
 
 
@@ -66,15 +60,11 @@ def test_check_catches_a_flipped_byte_in_a_carried_chunk(tiny_checkpoint, tmp_pa
     merge_ok(step, tmp_path / "out")
     leaf = next(leaf for leaf in _kept(step) if leaf.nbytes >= 1024)
     params = tmp_path / "out" / "params"
-    value_suffix = checkpoint.read_contents(params).value_suffix
-    use_ocdbt = (params / "manifest.ocdbt").exists()
-    spec = orbax_compat.read_spec(params, orbax_compat.array_name(leaf.path, value_suffix), use_ocdbt)
-    store = ts.open(ts.Spec(spec), open=True, read=True, context=orbax_compat.ts_context(use_ocdbt)).result()
-    kv = store.kvstore
-    (key,) = [k for k in kv.list().result() if not k.endswith(b".zarray")]
-    stored = bytearray(kv.read(key).result().value)
-    stored[len(stored) // 2] ^= 0x01  # One bit of the compressed chunk, in the middle of its frame.
-    kv.write(key, bytes(stored)).result()
+    (chunk,) = stored_chunks(stored_array(params, leaf.path)).values()
+    data = next(p for p in params.glob("ocdbt.process_*/d/*") if chunk in p.read_bytes())  # The file holding it.
+    blob = bytearray(data.read_bytes())
+    blob[blob.index(chunk) + len(chunk) // 2] ^= 0x01  # One bit in the middle of the carried chunk, on disk.
+    data.write_bytes(bytes(blob))
     checked = run_cli("--config.mode=check", f"--config.input={tmp_path / 'out'}")
     assert checked.returncode == errors.NumericsError.exit_code
     assert f"parameter {leaf.name} differs from what openpi-merge wrote" in checked.stderr
