@@ -124,6 +124,8 @@ class _Blocked:
 
 
 def _blocked(equation: str, dims: dict[str, int]) -> _Blocked:
+    """How to block ``equation``: its longest contracted axis split into the divisor of its size nearest sqrt(n)
+    blocks that keeps the partials under ``_MAX_PARTIALS``; a plain einsum when no split shortens the sums."""
     lhs, rhs, out = lora.split_equation(equation)
     n = _contracted(equation, dims)
     axis = max(sorted(set(lhs) & set(rhs) - set(out)), key=dims.__getitem__, default="")
@@ -137,6 +139,7 @@ def _blocked(equation: str, dims: dict[str, int]) -> _Blocked:
 
 
 def _blocked_einsum(blocked: _Blocked, x, y):
+    """``einsum(blocked.equation, x, y)`` in float32, summed as ``blocked`` says."""
     if not blocked.axis:
         return _einsum(blocked.equation, x, y)
     lhs, rhs, out = lora.split_equation(blocked.equation)
