@@ -40,7 +40,8 @@ def _driver(store: ts.TensorStore) -> str | None:
 
 def carriable(source: ts.TensorStore, target: ts.TensorStore) -> bool:
     """Whether ``source``'s stored chunks are ``target``'s encoding as they are (module docstring)."""
-    return bool(_metadata(source)) and _metadata(source) == _metadata(target) and _driver(source) == _driver(target)
+    metadata = _metadata(source)
+    return bool(metadata) and metadata == _metadata(target) and _driver(source) == _driver(target)
 
 
 def copy(source: ts.TensorStore, target: ts.TensorStore) -> concurrent.futures.Future:

@@ -16,7 +16,7 @@ import pytest
 import tensorstore as ts
 from flax import traverse_util
 
-from openpi_merge import checkpoint, lerobot_export, orbax_compat
+from openpi_merge import checkpoint, lerobot_export, reader
 from openpi_merge.testing import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -144,11 +144,10 @@ def restore_flat(params_dir: pathlib.Path) -> dict[tuple[str, ...], np.ndarray]:
 
 
 def stored_array(params_dir: pathlib.Path, path: tuple[str, ...]) -> ts.TensorStore:
-    """Parameter ``path`` (no 'params' prefix, no 'value' suffix) opened as Orbax stores it, for its stored chunks."""
-    value_suffix = checkpoint.read_contents(params_dir).value_suffix
-    use_ocdbt = (params_dir / "manifest.ocdbt").exists()
-    spec = orbax_compat.read_spec(params_dir, orbax_compat.array_name(path, value_suffix), use_ocdbt)
-    return ts.open(ts.Spec(spec), open=True, read=True, context=orbax_compat.ts_context(use_ocdbt)).result()
+    """Parameter ``path`` (no 'params' prefix, no 'value' suffix) opened as the merge's reader opens it, for its
+    stored chunks."""
+    contents = checkpoint.read_contents(params_dir)
+    return reader.open_inputs(params_dir, [contents.leaves[path]], value_suffix=contents.value_suffix).stores[path]
 
 
 def stored_chunks(store: ts.TensorStore) -> dict[bytes, bytes]:
