@@ -228,7 +228,6 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     sys.unraisablehook = _drop_closed_loop_callbacks
-    compile_cache.enable(_CONFIG.value.get("compilation_cache", ""))  # Before anything compiles.
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every step at INFO, and a failed background write (a full disk, a bucket gone mid-save) with its
         # traceback at ERROR before it re-raises it, which the one-line error then reports. --verbosity=0 shows all.
@@ -244,6 +243,8 @@ def main(argv: list[str]) -> None:
     try:
         settings = config.read_settings(_CONFIG.value)  # Inside the try: a config error gets a report too.
         distributed.initialize(settings.distributed)
+        # Before anything compiles; only a multi-process run compiles programs that donate their inputs.
+        compile_cache.enable(_CONFIG.value.get("compilation_cache", ""), donates=not distributed.is_single_process())
         with _resolve_example(settings) as settings:
             text = _run(settings, outcome)
     except errors.MergeError as e:

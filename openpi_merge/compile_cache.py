@@ -7,8 +7,12 @@ Contract of ``enable(setting)``, called once per process before anything is comp
   cache off.
 - When on, every program is cached however small or quick to compile: JAX's defaults skip programs that compile in
   under a second, which most of ours do, and they are most of a small merge's time (entries are about 14 kB each).
-- It is on only where JAX keeps buffer donation intact in executables loaded from the cache (``donation_survives``);
-  elsewhere it is switched off, whatever ``setting`` and JAX's own environment variables say.
+- ``donates`` says whether the run compiles programs that donate their inputs: only a multi-process merge does
+  (``fuse.fuse_all`` writes each layer into its stacked kernel in place); one process streams through programs that
+  donate nothing. Where JAX loses buffer donation in executables loaded from the cache (``donation_survives``), the
+  cache is on only for runs that donate nothing, and off for those that do, whatever ``setting`` and JAX's own
+  environment variables say. ``check_donation_safe`` raises before a donating program is built with the cache on
+  where that is unsafe, should a future path forget this.
 - It never fails a merge: a cache dir that cannot be created or written is reported in one line on stderr and the run
   compiles afresh.
 - A cached program is the same executable XLA would compile, so outputs are bit-identical with and without the cache.
@@ -77,13 +81,14 @@ def _switch_off() -> None:
     jax.config.update("jax_enable_compilation_cache", False)
 
 
-def enable(setting: str) -> None:
-    """Switches JAX's persistent compilation cache on or off for this process as ``setting`` and the gate say."""
+def enable(setting: str, *, donates: bool) -> None:
+    """Switches JAX's persistent compilation cache on or off for this process as ``setting``, ``donates`` and the
+    gate say (module docstring)."""
     directory = _resolve(setting)
     if directory is None:
         _switch_off()
         return
-    if not donation_survives():
+    if donates and not donation_survives():
         # Also overrides a user's JAX_COMPILATION_CACHE_DIR: with it this jaxlib corrupts donated fuse outputs.
         _switch_off()
         return
@@ -99,3 +104,14 @@ def enable(setting: str) -> None:
     # may raise the minimum entry size (0 lets it); -1 caches entries of any size.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def check_donation_safe() -> None:
+    """Raises RuntimeError (a bug, not a user's error) if a program that donates is about to be built while the
+    cache is on under a jaxlib whose cached programs lose donation."""
+    on = jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+    if on and not donation_survives():
+        raise RuntimeError(
+            f"bug: a donating program under jaxlib {jaxlib.version.__version__} with the compilation cache on "
+            "(compile_cache.enable was called with donates=False)"
+        )

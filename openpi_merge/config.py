@@ -108,8 +108,8 @@ FIELDS: tuple[Field, ...] = (
           "is available, at most 4), a number, or `none` (no limit). See Scale in the README"),
     Field("compilation_cache", "", "per-user dir", "where JAX's persistent compilation cache keeps the merge's "
           "compiled programs, so later merges load them instead of compiling (`$XDG_CACHE_HOME/openpi-merge/jax`, "
-          "else `~/.cache/openpi-merge/jax`); a path; `none`: off. Always off under jaxlib < 0.6 (openpi's pin), "
-          "whose cached programs lose buffer donation"),
+          "else `~/.cache/openpi-merge/jax`); a path; `none`: off. Off for multi-process runs under jaxlib < 0.6 "
+          "(openpi's pin), whose cached programs lose buffer donation"),
     Field("distributed.enabled", False, "`False`", "run as one process of a multi-host job "
           "(`jax.distributed.initialize()`); needs a `mesh`"),
     Field("distributed.coordinator_address", str, "JAX's detection", "`host:port` of "

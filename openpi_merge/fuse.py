@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from openpi_merge import errors, lora, plan, sharding
+from openpi_merge import compile_cache, errors, lora, plan, sharding
 
 Params = dict[plan.Path, jax.Array]
 _F32_UNIT_ROUNDOFF = 2.0**-24
@@ -464,6 +464,7 @@ def fuse_pair(
     # One process: a layer is taken block by block where it lies and copied whole to the fusing device (one layer of
     # temporaries); several processes: gathered onto every device, as JAX moves data across processes only in programs.
     taken = layer_where if jax.process_count() == 1 else replicated
+    compile_cache.check_donation_safe()  # ``write`` donates the stacked kernel.
     take, write = _placement(stacked, layer_where, taken, replicated)
     kernel = _place(kernel, stacked)
     # The factors on the host, fetched once per pair (this process's own copy): small, and numpy slices of a layer

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from openpi_merge import checkpoint, errors, openpi_layout, plan, sharding, storage
@@ -44,6 +45,33 @@ def _host(array: jax.Array | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(array))
 
 
+# IEEE binary formats by their bits: an element is NaN or Inf exactly when its bits, sign cleared, are at least the
+# infinity's (exponent all ones). 0.10 s/GB against np.isfinite's 0.80 on bfloat16 (ml_dtypes' ufunc); as fast on
+# float32.
+_FINITE_BITS = {
+    np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
+    np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7FFF, 0x7F80),
+    np.dtype(np.float32): (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
+    np.dtype(np.float64): (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+}
+_FINITE_STEP = 1 << 20  # Elements tested at a time: the masked copy stays in cache and its buffer is reused.
+
+
+def _all_finite(flat: np.ndarray) -> bool:
+    """Whether the 1-D ``flat`` holds no NaN or Inf."""
+    bits = _FINITE_BITS.get(flat.dtype)
+    if bits is None:  # float8 formats and the like: no infinity pattern to compare with.
+        return bool(np.isfinite(flat).all())
+    uint, magnitude, infinity = bits
+    words = flat.view(uint)
+    masked = np.empty(min(words.size, _FINITE_STEP), uint)
+    for start in range(0, words.size, _FINITE_STEP):
+        part = words[start : start + _FINITE_STEP]
+        if int(np.bitwise_and(part, magnitude, out=masked[: part.size]).max()) >= infinity:
+            return False
+    return True
+
+
 def _update(digest, array: np.ndarray, *, finite: bool) -> bool:
     """Adds the array's C-order bytes to ``digest``; returns whether (if ``finite``) it holds no NaN or Inf."""
     flat = np.ascontiguousarray(array).reshape(-1)
@@ -53,7 +81,7 @@ def _update(digest, array: np.ndarray, *, finite: bool) -> bool:
         chunk = flat[start : start + step]
         digest.update(memoryview(chunk.view(np.uint8)))
         if finite and ok:
-            ok = bool(np.isfinite(chunk).all())
+            ok = _all_finite(chunk)
     return ok
 
 

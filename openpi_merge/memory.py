@@ -11,6 +11,8 @@ environment, plus the tunable). It is skipped where it cannot help (not Linux wi
 off or already ``always``) and when ``GLIBC_TUNABLES`` already names the tunable: ``GLIBC_TUNABLES=
 glibc.malloc.hugetlb=0`` turns it off.
 
+``release_free`` trims malloc's free memory before the stream reads a slice over its budget (``stream``).
+
 ``limit_arenas`` is called once at start, before any thread exists: glibc gives each thread that contends for malloc
 an arena of its own (up to 8 per core), and TensorStore's and XLA's worker threads then keep freed chunk buffers in
 arenas where later buffers cannot reuse them. On a streamed merge of a 263 MB checkpoint that cost 180 MB of peak RSS.
@@ -73,6 +75,21 @@ def limit_arenas() -> None:
         return
     with contextlib.suppress(OSError, AttributeError):  # Not glibc (musl, macOS): nothing to cap.
         ctypes.CDLL(name).mallopt(_M_ARENA_MAX, _ARENAS)
+
+
+def release_free() -> None:
+    """Hands the memory malloc holds free back to the OS (glibc's ``malloc_trim``); a no-op off glibc.
+
+    Freed buffers under malloc's mmap threshold (32 MiB at most) stay resident where they were, in the holes between
+    live ones; on a full pi0 merge they were 0.5 GB of resident memory when its largest array was read.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # Not glibc: nothing to trim.
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim(0)
 
 
 def _cgroup_free() -> int | None:

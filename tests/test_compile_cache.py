@@ -102,8 +102,8 @@ def _assert_same_output(first: pathlib.Path, second: pathlib.Path) -> None:
     assert all(one[p].dtype == two[p].dtype and one[p].tobytes() == two[p].tobytes() for p in one)
 
 
-@pytest.mark.skipif(not SAFE, reason=f"the cache is off on this jaxlib: {_GATE}")
 def test_a_second_merge_loads_every_program_from_the_per_user_cache_and_writes_the_same_bits(tiny_checkpoint, tmp_path):
+    # One process: no program donates, so the cache is on under every jaxlib, openpi's pin included.
     step, cache, user = (
         tiny_checkpoint("pi0"),
         tmp_path / "xdg" / "openpi-merge" / "jax",
@@ -121,21 +121,57 @@ def test_a_second_merge_loads_every_program_from_the_per_user_cache_and_writes_t
     _assert_same_output(tmp_path / "first", tmp_path / "second")
 
 
-@pytest.mark.skipif(SAFE, reason=f"the cache is on on this jaxlib: {_GATE}")
-def test_where_cached_programs_lose_donation_the_cache_stays_off_even_when_jax_is_told_to_use_it(
-    tiny_checkpoint, tmp_path
+# Calls compile_cache.enable as a run of argv[2] ("one" or "several") processes would, with the cache at argv[1] and a
+# user's own JAX_COMPILATION_CACHE_DIR in the environment, then compiles a program; reports the cache's state.
+_ENABLE_PROBE = """
+import json, sys
+import jax
+from openpi_merge import compile_cache
+compile_cache.enable(sys.argv[1], donates=sys.argv[2] == "several")
+from jax._src import monitoring
+events = []
+monitoring.register_event_listener(lambda event, *a, **k: events.append(event))
+jax.jit(lambda a: a * 3)(jax.numpy.arange(4.0)).block_until_ready()
+try:
+    compile_cache.check_donation_safe()
+    safe = True
+except RuntimeError:
+    safe = False
+print(json.dumps({"on": bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir),
+                  "donation_safe": safe}))
+"""
+
+
+def _enable(cache: pathlib.Path, processes: str, users_cache: pathlib.Path) -> dict:
+    probe = subprocess.run(
+        [sys.executable, "-c", _ENABLE_PROBE, str(cache), processes],
+        env=_env(JAX_COMPILATION_CACHE_DIR=str(users_cache)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert probe.returncode == 0, probe.stderr
+    return json.loads(probe.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(SAFE, reason=f"the cache is on for every run on this jaxlib: {_GATE}")
+def test_where_cached_programs_lose_donation_a_multi_process_run_keeps_the_cache_off_even_when_jax_is_told_to_use_it(
+    tmp_path,
 ):
-    step, cache = tiny_checkpoint("pi0"), tmp_path / "jax-cache"
-    users = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "users-cache")}
+    several = _enable(tmp_path / "cache", "several", tmp_path / "users-cache")
+    one = _enable(tmp_path / "cache-one", "one", tmp_path / "users-cache-one")
 
-    _, first = _merge(step, tmp_path / "first", str(cache), tmp_path / "first.json", **users)
-    _, second = _merge(step, tmp_path / "second", str(cache), tmp_path / "second.json", **users)
-
-    assert first["compiles"] > 0
-    assert second == first == {"compiles": first["compiles"], "cache_hits": 0}
-    assert not _entries(cache)
+    assert several == {"on": False, "donation_safe": True}
+    assert not _entries(tmp_path / "cache")
     assert not _entries(tmp_path / "users-cache")
-    _assert_same_output(tmp_path / "first", tmp_path / "second")
+    assert one == {"on": True, "donation_safe": False}  # One process: on, and a donating program would be refused.
+    assert _entries(tmp_path / "cache-one")
+
+
+def test_a_multi_process_run_uses_the_cache_where_cached_programs_keep_donation(tmp_path):
+    several = _enable(tmp_path / "cache", "several", tmp_path / "users-cache")
+    assert several == {"on": SAFE, "donation_safe": True}
+    assert bool(_entries(tmp_path / "cache")) == SAFE
 
 
 def test_a_program_loaded_from_the_cache_donates_as_the_gate_says(tmp_path):
@@ -181,12 +217,9 @@ def test_an_unwritable_cache_dir_still_merges_with_one_line_saying_so(tiny_check
     result, counts = _merge(tiny_checkpoint("pi0"), tmp_path / "out", str(blocker / "jax"), tmp_path / "counts.json")
 
     lines = [line for line in result.stderr.splitlines() if "compilation cache" in line]
-    if SAFE:
-        assert len(lines) == 1, result.stderr
-        assert str(blocker / "jax") in lines[0]
-        assert "compiling afresh" in lines[0]
-    else:
-        assert lines == [], "the gate turned the cache off before the dir was looked at"
+    assert len(lines) == 1, result.stderr
+    assert str(blocker / "jax") in lines[0]
+    assert "compiling afresh" in lines[0]
     assert counts["compiles"] > 0
     assert counts["cache_hits"] == 0
     assert (tmp_path / "out" / "params").is_dir()

@@ -7,11 +7,12 @@ import os
 import shutil
 import subprocess
 
+import ml_dtypes
 import numpy as np
 import pytest
 from helpers import error_line, restore_flat, run_cli, stored_array, stored_chunks
 
-from openpi_merge import errors
+from openpi_merge import errors, manifest, plan
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +147,41 @@ def test_check_refuses_a_symlink_and_reads_nothing_it_points_to(merged, tmp_path
         data.symlink_to(outside)
     result = _check(copy)
     error_line(result.returncode, result.stderr, errors.InputError.exit_code, "is a symbolic link")
+
+
+_FLOATS = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64, ml_dtypes.float8_e4m3fn]
+
+
+def _digests_raise(array: np.ndarray) -> bool:
+    """Whether a kept leaf holding ``array``, hashed slice by slice, is refused as NaN or Inf."""
+    leaf = plan.Leaf(("kept",), array.shape, array.dtype)
+    digests = manifest.Digests(check_finite=[leaf.path])
+    try:
+        for row in array:
+            digests.update(leaf, row[None])
+        digests.finish(leaf)
+        try:
+            digests.wait()
+        except errors.NumericsError:
+            return True
+        return False
+    finally:
+        digests.close()
+
+
+@pytest.mark.parametrize("dtype", _FLOATS, ids=lambda d: np.dtype(d).name)
+def test_a_kept_leaf_with_one_nan_or_inf_anywhere_is_refused_and_finite_extremes_pass(dtype):
+    rng = np.random.default_rng(7)
+    info = ml_dtypes.finfo(dtype)
+    extremes = np.array([info.max, -info.max, info.smallest_subnormal, -0.0, 0.0, info.tiny], np.float64)
+    # Rows of more than the 2**20 elements tested at a time, so a fault can land after a slice's first step.
+    array = rng.standard_normal((3, (1 << 20) + 4099)).astype(dtype)
+    array[1, :6] = extremes.astype(dtype)
+    assert not _digests_raise(array)
+    specials = [np.nan, -np.nan] if dtype is ml_dtypes.float8_e4m3fn else [np.inf, -np.inf, np.nan, -np.nan]
+    step = 1 << 20
+    for special in specials:
+        for column in (rng.integers(step), rng.integers(step, array.shape[1])):  # In a slice's first step, and after.
+            planted = array.copy()
+            planted[rng.integers(3), column] = special
+            assert _digests_raise(planted), (special, column, planted.dtype)

@@ -1,4 +1,5 @@
-"""The program's start: restarted once with glibc's malloc on transparent huge pages (memory.restart_with_huge_pages).
+"""The program's start: restarted once with glibc's malloc on transparent huge pages (memory.restart_with_huge_pages);
+and malloc's free memory handed back to the OS (memory.release_free).
 
 Real processes: each scenario runs a small program that imports openpi_merge.__main__ the way the console script
 does, prints a line per start, and reports its environment and how much of a large touched malloc buffer the kernel
@@ -84,3 +85,36 @@ def test_a_program_that_imports_the_cli_module_is_not_restarted():
     starts, seen = _run("some-other-program", None)
     assert len(starts) == 1
     assert seen["tunables"] is None
+
+
+# Frees all but the last of 256 malloc'd MiB (each touched; under the mmap threshold set here, so from the heap, and
+# the live last one keeps the heap's top from being trimmed on free), then reports RSS before and after release_free.
+_TRIM_PROGRAM = """
+import ctypes, json, pathlib
+from openpi_merge import memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: a MiB block comes from the heap.
+libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: free() alone trims nothing.
+def rss():
+    line = next(l for l in pathlib.Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
+    return int(line.split()[1]) * 1024
+blocks = [libc.malloc(1 << 20) for _ in range(257)]
+for block in blocks:
+    ctypes.memset(block, 1, 1 << 20)
+for block in blocks[:-1]:
+    libc.free(block)
+before = rss()
+memory.release_free()
+print(json.dumps({"before": before, "after": rss()}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc_trim")
+def test_release_free_hands_freed_heap_memory_back_to_the_os():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    result = subprocess.run([sys.executable, "-c", _TRIM_PROGRAM], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rss = json.loads(result.stdout.splitlines()[-1])
+    assert rss["before"] - rss["after"] > 200 << 20, rss  # Of the 256 MiB freed, held resident until trimmed.

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from helpers import cli_command, restore_flat, run_cli
 
@@ -130,3 +131,55 @@ def test_a_streamed_merge_holds_far_less_memory_than_an_unlimited_one(tmp_path_f
     # temporaries of the largest kernel (0.13 GB here), not the tree.
     assert unlimited - baseline > 0.8 * tree_gb, (unlimited, baseline, tree_gb)
     assert streamed - baseline < 0.5 * (unlimited - baseline), (streamed, unlimited, baseline)
+
+
+def _opened(step) -> tuple[plan.Plan, reader.Inputs]:
+    source = checkpoint.locate_input(str(step))
+    contents = checkpoint.read_contents(source.params_dir)
+    merge_plan = plan.make_plan(contents.leaves, _settings(input=str(source.root), output="/nonexistent"))
+    return merge_plan, reader.open_inputs(source.params_dir, merge_plan.leaves_in, value_suffix=contents.value_suffix)
+
+
+def test_rows_read_a_chunk_at_a_time_assemble_into_the_rows_read_at_once(tiny_checkpoint):
+    merge_plan, inputs = _opened(tiny_checkpoint(MODEL, chunking="quarters"))
+    kernel = next(pair.kernel for pair in merge_plan.pairs if pair.kernel.path[-1] == "gating_einsum")
+    for rows in (slice(0, kernel.shape[0]), slice(1, 2)):
+        whole = inputs.read(kernel.path, rows).result()
+        pieces = inputs.read_by_chunk(kernel.path, rows).result()
+        assert len(pieces.regions) == 4  # Split by Orbax on its two largest axes: a layer spans four chunks.
+        assert pieces.shape == whole.shape
+        for index in np.ndindex(whole.shape[:2]):
+            np.testing.assert_array_equal(pieces[index], whole[index])
+        np.testing.assert_array_equal(pieces[()], whole)
+
+
+def test_a_pair_over_the_budget_read_a_chunk_at_a_time_writes_the_same_bits_as_no_budget(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint(MODEL, chunking="quarters")
+    _merge(source, tmp_path / "none", "--config.memory_budget_gb=none")
+    alone = _merge(source, tmp_path / "alone", "--config.memory_budget_gb=1e-9")  # Every block over it.
+    assert "over the budget: processed alone" in alone
+    assert _manifest(tmp_path / "alone") == _manifest(tmp_path / "none")
+    one, two = restore_flat(tmp_path / "none" / "params"), restore_flat(tmp_path / "alone" / "params")
+    assert one.keys() == two.keys()
+    assert all(one[path].tobytes() == two[path].tobytes() for path in one)
+
+
+def test_kept_leaves_are_interleaved_with_the_pairs_by_bytes_each_in_its_own_order(tiny_checkpoint):
+    merge_plan, inputs = _opened(tiny_checkpoint(MODEL))
+    blocks = stream.make_blocks(merge_plan, inputs, 10**12)
+    kinds = [block.pair is None for block in blocks]
+    pair_order = [block.pair.kernel.path for block in blocks if block.pair]
+    kept_order = [block.out.path for block in blocks if block.pair is None]
+    assert pair_order == [pair.kernel.path for pair in merge_plan.pairs]
+    assert kept_order == [leaf.path for leaf in merge_plan.kept]
+    # Neither kind waits for the other: each half of the stream holds both.
+    half = len(blocks) // 2
+    assert {True, False} <= set(kinds[:half])
+    assert {True, False} <= set(kinds[half:])
+    pair_bytes, kept_bytes = (sum(b.nbytes for b in blocks if (b.pair is None) == kept) for kept in (False, True))
+    done = {False: 0, True: 0}
+    for block in blocks:  # At every point, the kind that is behind by share of its bytes goes next.
+        kept = block.pair is None
+        share = {False: done[False] / pair_bytes, True: done[True] / kept_bytes}
+        assert share[kept] <= share[not kept] or done[not kept] == (kept_bytes if not kept else pair_bytes)
+        done[kept] += block.nbytes
