@@ -21,6 +21,7 @@ arenas where later buffers cannot reuse them. On a streamed merge of a 263 MB ch
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import pathlib
 import re
@@ -68,13 +69,24 @@ def restart_with_huge_pages() -> None:
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
-def limit_arenas() -> None:
-    """Caps glibc's malloc arenas (module docstring); a no-op off glibc."""
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, if it is found (``find_library`` runs ``ldconfig``: once per process)."""
     name = ctypes.util.find_library("c")
     if name is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):  # Not glibc (musl, macOS): nothing to cap.
-        ctypes.CDLL(name).mallopt(_M_ARENA_MAX, _ARENAS)
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def limit_arenas() -> None:
+    """Caps glibc's malloc arenas (module docstring); a no-op off glibc."""
+    libc = _libc()
+    with contextlib.suppress(AttributeError):  # Not glibc (musl, macOS): nothing to cap.
+        if libc is not None:
+            libc.mallopt(_M_ARENA_MAX, _ARENAS)
 
 
 def release_free() -> None:
@@ -83,13 +95,10 @@ def release_free() -> None:
     Freed buffers under malloc's mmap threshold (32 MiB at most) stay resident where they were, in the holes between
     live ones; on a full pi0 merge they were 0.5 GB of resident memory when its largest array was read.
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):  # Not glibc: nothing to trim.
-        libc = ctypes.CDLL(name)
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        libc.malloc_trim(0)
+    libc = _libc()
+    with contextlib.suppress(AttributeError):  # Not glibc: nothing to trim.
+        if libc is not None:
+            libc.malloc_trim(ctypes.c_size_t(0))
 
 
 def _cgroup_free() -> int | None:
