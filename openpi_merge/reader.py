@@ -124,10 +124,7 @@ class Inputs:
         try:
             view = store if rows is None or store.rank == 0 else store[rows]
             origin = tuple(int(i) for i in view.domain.inclusive_min)
-            chunk = tuple(
-                max(1, int(c or n)) for c, n in zip(store.chunk_layout.read_chunk.shape, store.shape, strict=True)
-            )
-            regions = _chunk_regions(origin, tuple(view.shape), chunk)
+            regions = _chunk_regions(origin, tuple(view.shape), _chunk_shape(store))
             views = [
                 store[tuple(slice(o + r.start, o + r.stop) for o, r in zip(origin, region, strict=True))]
                 for region in regions
@@ -140,9 +137,12 @@ class Inputs:
         """How many rows (along the first axis) one chunk of ``path`` spans: slices of multiples of it decode each
         chunk once. 1 for a scalar."""
         store = self.stores[path]
-        if store.rank == 0:
-            return 1
-        return max(1, int(store.chunk_layout.read_chunk.shape[0] or store.shape[0]))
+        return _chunk_shape(store)[0] if store.rank else 1
+
+
+def _chunk_shape(store: ts.TensorStore) -> tuple[int, ...]:
+    """The shape of ``store``'s read chunks, an axis TensorStore leaves unchunked taking its whole extent."""
+    return tuple(max(1, int(c or n)) for c, n in zip(store.chunk_layout.read_chunk.shape, store.shape, strict=True))
 
 
 def open_inputs(params_dir: storage.AnyPath, leaves: Sequence[plan.Leaf], *, value_suffix: bool) -> Inputs:

@@ -21,7 +21,6 @@ the scan axis differs:
 """
 
 import asyncio
-import ctypes
 import dataclasses
 import json
 import pathlib
@@ -35,6 +34,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
+from openpi_merge import memory
 from openpi_merge.openpi_layout import MODELS, PARAMS_KEY, is_lora_leaf
 
 SCALES = ("tiny", "small", "full")
@@ -51,12 +51,6 @@ _CHUNK = 1 << 22  # Elements generated at a time: 16 MiB of float32 scratch.
 _LARGE_ARRAY_BYTES = 16 << 20  # Arrays this large are written to disk one at a time.
 _CHUNKED_ARRAY_BYTES = 2 << 30  # Arrays larger than this are stored in chunks of _STORAGE_CHUNK_BYTES.
 _STORAGE_CHUNK_BYTES = 256 << 20
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-except (OSError, AttributeError):
-    _LIBC = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,13 +339,6 @@ def _train_state(step: int) -> dict:
     }
 
 
-def _release_free_memory() -> None:
-    # Tensorstore compresses on several threads, so glibc keeps the freed buffers of one array in per-thread arenas
-    # where the next array's buffers often cannot reuse them; hand them back to the OS. A no-op off glibc.
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
 class _SharedArray(np.ndarray):
     """An ndarray whose deepcopy is itself: Orbax's NumpyHandler deep-copies every array before an async save."""
 
@@ -381,7 +368,9 @@ class _LowMemoryNumpyHandler(ocp.type_handlers.NumpyHandler):
         lock = self._locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
         async with lock:
             result = await super()._open_and_write(value, tspec, ts_context)
-            _release_free_memory()
+            # Tensorstore compresses on several threads, so glibc keeps the freed buffers of one array in per-thread
+            # arenas where the next array's buffers often cannot reuse them; hand them back to the OS.
+            memory.release_free()
             return result
 
 
