@@ -127,10 +127,14 @@ def test_a_streamed_merge_holds_far_less_memory_than_an_unlimited_one(tmp_path_f
     streamed = _peak_gb(_merge(source, out / "budget", f"--config.memory_budget_gb={budget}"))
     baseline = _peak_gb(_merge(synthetic.write_checkpoint(out / "tiny", MODEL), out / "tiny-out"))
     assert _manifest(out / "none") == _manifest(out / "budget")
-    # The unlimited run holds the tree (read ahead whole); the budgeted one its budget plus one layer's float32
-    # temporaries of the largest kernel (0.13 GB here), not the tree.
+    # The unlimited run holds the tree (read ahead whole)...
     assert unlimited - baseline > 0.8 * tree_gb, (unlimited, baseline, tree_gb)
-    assert streamed - baseline < 0.5 * (unlimited - baseline), (streamed, unlimited, baseline)
+    # ...the budgeted one its budget plus its largest block (one layer of gating_einsum with its float32
+    # temporaries, 0.09 GB here), not the tree. Measured against the unlimited run, not the baseline: the two compile
+    # the same programs for the same shapes, where the tiny checkpoint's baseline moved by 0.07 GB between runs and
+    # the budgeted run's lead over it from 0.14 to 0.31 GB (2 cores, 2026-12-07). The gap stayed 0.54-0.79 of the
+    # tree, with two busy loops on the cores as well.
+    assert unlimited - streamed > 0.4 * tree_gb, (streamed, unlimited, tree_gb)
 
 
 def _opened(step) -> tuple[plan.Plan, reader.Inputs]:
