@@ -68,6 +68,10 @@ class Block:
         """The input leaf whose rows the block reads: the pair's kernel, or the kept leaf itself."""
         return self.pair.kernel if self.pair else self.out
 
+    def over(self, budget: int) -> bool:
+        """Whether the block alone needs more than ``budget``: it then runs alone (module docstring)."""
+        return self.nbytes > budget
+
 
 # --- Blocks ---
 
@@ -156,7 +160,7 @@ def describe(blocks: Sequence[Block], budget: int, how: str) -> list[str]:
         f"streamed: {len(blocks)} slices of {arrays} arrays within memory_budget_gb={budget / memory.GB:.3g} ({how})"
     ]
     over: dict[str, Block] = {}
-    for block in sorted((b for b in blocks if b.nbytes > budget), key=lambda b: -b.nbytes):
+    for block in sorted((b for b in blocks if b.over(budget)), key=lambda b: -b.nbytes):
         over.setdefault(block.out.name, block)
     lines += [
         f"note: {name} needs {block.nbytes / memory.GB:.3g} GB for {_what(block)}, over the budget: processed alone"
@@ -189,7 +193,7 @@ def _issue_reads(block: Block, inputs: reader.Inputs, budget: int) -> _Reads:
     whole = not leaf.shape or (block.pair is not None and block.pair.batch_ndim == 0)
     rows = None if whole else slice(block.start, block.stop)
     # A pair's block over the budget runs alone: its chunks are read one after another, which lowers the peak.
-    read = inputs.read_by_chunk if block.pair is not None and block.nbytes > budget else inputs.read
+    read = inputs.read_by_chunk if block.pair is not None and block.over(budget) else inputs.read
     reads = {"data": read(leaf.path, rows)}
     if block.pair and block.first:
         reads["a"] = inputs.read(block.pair.lora_a.path)
@@ -250,7 +254,7 @@ def run(
             release_until(held - in_flight[0][0].nbytes)  # Already written and hashed: release it.
         if not reads:  # This block's read is not out yet: make room for it (a block over the budget runs alone).
             release_until(max(0, budget - block.nbytes))
-            if block.nbytes > budget:
+            if block.over(budget):
                 memory.release_free()  # What malloc holds free would add to this block's peak.
             issue(block)
         while next_read < len(blocks) and held + blocks[next_read].nbytes <= budget:  # Read ahead.
