@@ -29,7 +29,8 @@ Region = tuple[slice, ...]
 @dataclasses.dataclass(frozen=True)
 class Pieces:
     """Rows of an array held as the pieces they were read in (``read_by_chunk``): ``regions[i]`` (relative to the
-    rows' first) holds ``arrays[i]``. Indexing the leading axes with integers assembles that sub-array."""
+    rows' first) holds ``arrays[i]``. Indexing the leading axes with integers gives that sub-array: a view of the piece
+    that holds it whole, else assembled from the pieces it spans."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
@@ -37,11 +38,18 @@ class Pieces:
     arrays: tuple[np.ndarray, ...]
 
     def __getitem__(self, index: tuple[int, ...]) -> np.ndarray:
-        out = np.empty(self.shape[len(index) :], self.dtype)
+        inner = self.shape[len(index) :]
+        parts = []
         for region, array in zip(self.regions, self.arrays, strict=True):
             leading = region[: len(index)]
             if all(axis.start <= i < axis.stop for axis, i in zip(leading, index, strict=True)):
-                out[region[len(index) :]] = array[tuple(i - axis.start for axis, i in zip(leading, index, strict=True))]
+                local = tuple(i - axis.start for axis, i in zip(leading, index, strict=True))
+                parts.append((region[len(index) :], array[local]))
+        if len(parts) == 1 and parts[0][1].shape == inner:  # Within one piece: a view of it, not a copy.
+            return parts[0][1]
+        out = np.empty(inner, self.dtype)
+        for region, part in parts:
+            out[region] = part
         return out
 
 

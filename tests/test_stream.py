@@ -157,6 +157,20 @@ def test_rows_read_a_chunk_at_a_time_assemble_into_the_rows_read_at_once(tiny_ch
         np.testing.assert_array_equal(pieces[()], whole)
 
 
+def test_a_layer_within_one_chunk_is_a_view_of_the_piece_read_not_a_copy(tiny_checkpoint):
+    merge_plan, inputs = _opened(tiny_checkpoint(MODEL, chunking="layer"))
+    kernel = next(pair.kernel for pair in merge_plan.pairs if pair.kernel.path[-1] == "gating_einsum")
+    rows = slice(0, 2)
+    whole = inputs.read(kernel.path, rows).result()
+    pieces = inputs.read_by_chunk(kernel.path, rows).result()
+    assert len(pieces.regions) == 2  # One chunk a layer.
+    for index in np.ndindex(whole.shape[:2]):
+        layer = pieces[index]
+        np.testing.assert_array_equal(layer, whole[index])
+        assert np.shares_memory(layer, pieces.arrays[index[0]])
+    assert not np.shares_memory(pieces[()], pieces.arrays[0])  # Spanning both: assembled.
+
+
 def test_a_pair_over_the_budget_read_a_chunk_at_a_time_writes_the_same_bits_as_no_budget(tiny_checkpoint, tmp_path):
     source = tiny_checkpoint(MODEL, chunking="quarters")
     _merge(source, tmp_path / "none", "--config.memory_budget_gb=none")
