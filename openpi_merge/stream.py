@@ -32,12 +32,16 @@ Kept leaves. A kept leaf that is one block and whose output array has the input'
 stored chunks are copied as they are (``carry``) instead of encoded again; it is still read and decoded once, for its
 digest. Any other kept leaf is written from the decoded block.
 
+Failure. If ``run`` raises (a failed read, write or check, an interrupt), it first waits for every read, copy, write
+and digest still in flight (``_drain``): nothing goes on writing into the output after the caller has removed it.
+
 Every output layer is computed by the same compiled program as in any other mode, from the same inputs, so the
 output is bit-identical to theirs. ``stop`` is called between layers and blocks.
 """
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 
@@ -249,42 +253,58 @@ def run(
         held += upcoming.nbytes
         next_read += 1
 
-    for block in blocks:
-        while in_flight and all(future.done() for future in in_flight[0][1]):
-            release_until(held - in_flight[0][0].nbytes)  # Already written and hashed: release it.
-        if not reads:  # This block's read is not out yet: make room for it (a block over the budget runs alone).
-            release_until(max(0, budget - block.nbytes))
-            if block.over(budget):
-                memory.release_free()  # What malloc holds free would add to this block's peak.
-            issue(block)
-        while next_read < len(blocks) and held + blocks[next_read].nbytes <= budget:  # Read ahead.
-            issue(blocks[next_read])
-        current = reads.popleft()
-        data = current.reads.pop("data").result()
-        stop()
-        futures: list = []
-        if block.pair is None:
-            source, target = inputs.stores[block.out.path], outputs[block.out.path]
-            if carry_kept and block.first and block.last and carry.carriable(source, target):
-                futures.append(carry.copy(source, target))
-                carried.append(block.out)
+    try:
+        for block in blocks:
+            while in_flight and all(future.done() for future in in_flight[0][1]):
+                release_until(held - in_flight[0][0].nbytes)  # Already written and hashed: release it.
+            if not reads:  # This block's read is not out yet: make room for it (a block over the budget runs alone).
+                release_until(max(0, budget - block.nbytes))
+                if block.over(budget):
+                    memory.release_free()  # What malloc holds free would add to this block's peak.
+                issue(block)
+            while next_read < len(blocks) and held + blocks[next_read].nbytes <= budget:  # Read ahead.
+                issue(blocks[next_read])
+            current = reads[0]
+            data = current.reads.pop("data").result()
+            reads.popleft()
+            futures: list = []
+            in_flight.append((block, futures))  # Filled below; drained from here on if the run raises.
+            stop()
+            if block.pair is None:
+                source, target = inputs.stores[block.out.path], outputs[block.out.path]
+                if carry_kept and block.first and block.last and carry.carriable(source, target):
+                    futures.append(carry.copy(source, target))
+                    carried.append(block.out)
+                else:
+                    index = None if not block.out.shape else slice(block.start, block.stop)
+                    futures.append(_write(target, index, data))
+                futures.append(digests.update(block.out, data))
             else:
-                index = None if not block.out.shape else slice(block.start, block.stop)
-                futures.append(_write(target, index, data))
-            futures.append(digests.update(block.out, data))
-        else:
-            futures += _fuse_block(block, data, current, factors, fusers, seeds, outputs, digests, verify, device, stop)
-        del data, current
-        in_flight.append((block, futures))
-        if block.last:
-            if block.pair is not None:
-                factors.pop(block.pair.kernel.path)
-                checks.append(fusers.pop(block.pair.kernel.path).finish())
-                on_pair(block.pair)
-            digests.finish(block.out)
-        stop()
-    release_until(0)
+                _fuse_block(
+                    block, data, current, factors, fusers, seeds, outputs, digests, verify, device, stop, futures
+                )
+            del data, current
+            if block.last:
+                if block.pair is not None:
+                    factors.pop(block.pair.kernel.path)
+                    checks.append(fusers.pop(block.pair.kernel.path).finish())
+                    on_pair(block.pair)
+                digests.finish(block.out)
+            stop()
+        release_until(0)
+    except BaseException:
+        _drain(reads, in_flight)
+        raise
     return Streamed(checks, carried)
+
+
+def _drain(reads: Sequence[_Reads], in_flight: Sequence[tuple[Block, list]]) -> None:
+    """Waits for every read, copy, write and digest still in flight, their errors dropped: once ``run`` has raised,
+    nothing may go on writing into the output it leaves (which the caller then removes)."""
+    pending = [read.future for r in reads for read in r.reads.values()]
+    for future in pending + [f for _, futures in in_flight for f in futures]:
+        with contextlib.suppress(BaseException):
+            future.result()
 
 
 def _fuse_block(
@@ -299,8 +319,10 @@ def _fuse_block(
     verify: bool,
     device: jax.Device,
     stop: Callable[[], None],
-) -> list[concurrent.futures.Future | ts.Future]:
-    """Fuses and writes the layers of one block of a pair; returns the futures of its writes and digests."""
+    futures: list[concurrent.futures.Future | ts.Future],
+) -> None:
+    """Fuses and writes the layers of one block of a pair, adding the futures of its writes and digests to
+    ``futures`` as each is started."""
     pair = block.pair
     assert pair is not None
     key = pair.kernel.path
@@ -314,7 +336,6 @@ def _fuse_block(
     else:
         local = np.ndindex(data.shape[: pair.batch_ndim])
         layers = [(index, (index[0] + block.start, *index[1:])) for index in local]
-    futures: list = []
     dispatched: collections.deque = collections.deque()
 
     def write_oldest() -> None:
@@ -330,4 +351,3 @@ def _fuse_block(
             write_oldest()
     while dispatched:
         write_oldest()
-    return futures

@@ -7,9 +7,11 @@ checkpoint's kept leaves are carried by default.
 """
 
 import json
+import shutil
 
 import numpy as np
-from helpers import merge_ok, restore_flat, run_cli, stored_array, stored_chunks
+import tensorstore as ts
+from helpers import merge, merge_ok, restore_flat, run_cli, stored_array, stored_chunks
 
 from openpi_merge import checkpoint, config, errors, manifest, plan, reader
 
@@ -68,6 +70,21 @@ def test_check_catches_a_flipped_byte_in_a_carried_chunk(tiny_checkpoint, tmp_pa
     checked = run_cli("--config.mode=check", f"--config.input={tmp_path / 'out'}")
     assert checked.returncode == errors.NumericsError.exit_code
     assert f"parameter {leaf.name} differs from what openpi-merge wrote" in checked.stderr
+
+
+def test_a_damaged_chunk_of_a_carried_leaf_fails_the_run_naming_it_and_leaves_no_output(tiny_checkpoint, tmp_path):
+    step = tmp_path / "step"
+    shutil.copytree(tiny_checkpoint(MODEL, chunking="orbax"), step)
+    leaf = max(_kept(step), key=lambda leaf: leaf.nbytes)  # The embedder: carried, its copy started with its read.
+    store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{step / 'params'}"}).result()
+    prefix = ".".join(("params", *leaf.path)).encode()
+    (key,) = [k for k in store.list().result() if k.startswith(prefix) and not k.endswith(b".zarray")]
+    store.write(key, store.read(key).result().value[:-64]).result()  # A truncated chunk: its decode fails.
+    result = merge(step, tmp_path / "out")
+    assert result.returncode == errors.InputError.exit_code, result.stderr
+    assert f"at parameter {leaf.name}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step"]  # No output, no staging left.
 
 
 def test_a_kept_leaf_stored_in_another_chunking_is_encoded_again(tiny_checkpoint, tmp_path):
