@@ -10,7 +10,6 @@ import json
 import shutil
 
 import numpy as np
-import tensorstore as ts
 from helpers import merge, merge_ok, restore_flat, run_cli, stored_array, stored_chunks
 
 from openpi_merge import checkpoint, config, errors, manifest, plan, reader
@@ -75,11 +74,10 @@ def test_check_catches_a_flipped_byte_in_a_carried_chunk(tiny_checkpoint, tmp_pa
 def test_a_damaged_chunk_of_a_carried_leaf_fails_the_run_naming_it_and_leaves_no_output(tiny_checkpoint, tmp_path):
     step = tmp_path / "step"
     shutil.copytree(tiny_checkpoint(MODEL, chunking="orbax"), step)
-    leaf = max(_kept(step), key=lambda leaf: leaf.nbytes)  # The embedder: carried, its copy started with its read.
-    store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{step / 'params'}"}).result()
-    prefix = ".".join(("params", *leaf.path)).encode()
-    (key,) = [k for k in store.list().result() if k.startswith(prefix) and not k.endswith(b".zarray")]
-    store.write(key, store.read(key).result().value[:-64]).result()  # A truncated chunk: its decode fails.
+    leaf = max(_kept(step), key=lambda leaf: leaf.nbytes)  # The embedder: carried as stored.
+    store = stored_array(step / "params", leaf.path)
+    ((key, chunk),) = stored_chunks(store).items()
+    store.kvstore.write(key, chunk[:-64]).result()  # A truncated chunk: its decode fails.
     result = merge(step, tmp_path / "out")
     assert result.returncode == errors.InputError.exit_code, result.stderr
     assert f"at parameter {leaf.name}" in result.stderr
