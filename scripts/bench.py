@@ -20,7 +20,8 @@ loopback (no network, no GCS latency), not what a bucket in a region delivers.
 An approach that fails (the hand-written one can run out of memory) is reported with how it ended, not dropped.
 Bytes read and written are the on-disk sizes of what each approach reads and writes. The page cache is warm for all
 of them (the checkpoint was just written or read), so the comparison is of CPU and memory work, not of the disk.
-Writes a markdown table and a JSON file to --out.
+The header also gives what memory mapped afresh costs on the host (``_fresh_memory``): the merge's system time
+follows it. Writes a markdown table and a JSON file to --out.
 """
 
 import argparse
@@ -223,6 +224,37 @@ def _run(name: str, command: list[str], reads: str | pathlib.Path, writes: str |
     }
 
 
+_PROBE_BYTES = 1 << 30  # What _fresh_memory maps each time.
+_PROBE_IDLE_S = 4.0  # How long the probe's memory stays free before it is mapped again.
+
+
+def _touch_fresh(nbytes: int) -> float:
+    """Seconds to allocate ``nbytes`` with NumPy and write every byte: each page faults in first. NumPy asks for
+    transparent huge pages for large arrays, as the merge's malloc does (``openpi_merge.memory``)."""
+    import numpy as np
+
+    started = time.perf_counter()
+    np.empty(nbytes, np.uint8).fill(1)
+    return time.perf_counter() - started
+
+
+def _fresh_memory() -> dict:
+    """What memory mapped afresh costs on this host, in seconds per GB written: mapped right after the same amount was
+    freed, and after it stayed free for _PROBE_IDLE_S. Where the host takes free memory back from its guest (a VM
+    with free page reporting, as Firecracker's balloon device does), the second is several times the first. The merge
+    maps and frees buffers for every layer and chunk (tens of GB on full pi0), and the kernel zeroes each page it
+    maps: that is where a host's rate shows in its system time."""
+    _touch_fresh(_PROBE_BYTES)
+    freed = _touch_fresh(_PROBE_BYTES)
+    time.sleep(_PROBE_IDLE_S)
+    idle = _touch_fresh(_PROBE_BYTES)
+    return {
+        "fresh_memory_s_per_gb": round(freed / (_PROBE_BYTES / 1e9), 3),
+        "fresh_memory_s_per_gb_after_idle": round(idle / (_PROBE_BYTES / 1e9), 3),
+        "fresh_memory_idle_s": _PROBE_IDLE_S,
+    }
+
+
 def _prepare(model: str, scale: str, layout: str, checkpoint_dir: str, work: str) -> None:
     """Child process: writes the synthetic checkpoint unless one is given; prints its facts and the machine's as JSON.
 
@@ -254,6 +286,7 @@ def _prepare(model: str, scale: str, layout: str, checkpoint_dir: str, work: str
         "jax": jax.__version__,
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
+        **_fresh_memory(),
     }
     facts = {"step": str(step), "params_dir": str(params_dir), "write_s": write_s, "machine": machine}
     print(json.dumps({**facts, "in_memory_gb": sum(leaf.nbytes for leaf in leaves) / 1e9}))
@@ -376,7 +409,9 @@ def main() -> None:
     header = (
         f"{args.model} ({args.scale}, layout {args.layout}), {in_memory_gb:.2f} GB in memory; {machine['cpu']}, "
         f"{machine['cores']} cores, "
-        f"{machine['memory_gb']} GB RAM, JAX {machine['jax']} on {merged_on}, {machine['date']}"
+        f"{machine['memory_gb']} GB RAM, JAX {machine['jax']} on {merged_on}, {machine['date']}; memory mapped afresh: "
+        f"{machine['fresh_memory_s_per_gb']:.2f} s/GB, {machine['fresh_memory_s_per_gb_after_idle']:.2f} s/GB after "
+        f"{machine['fresh_memory_idle_s']:g} s free"
     )
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
