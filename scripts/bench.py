@@ -21,7 +21,7 @@ An approach that fails (the hand-written one can run out of memory) is reported 
 Bytes read and written are the on-disk sizes of what each approach reads and writes. The page cache is warm for all
 of them (the checkpoint was just written or read), so the comparison is of CPU and memory work, not of the disk.
 The header also gives what memory mapped afresh costs on the host (``_fresh_memory``): the merge's system time
-follows it. Writes a markdown table and a JSON file to --out.
+depends on it (README, Benchmark). Writes a markdown table and a JSON file to --out.
 """
 
 import argparse
